@@ -1,0 +1,193 @@
+"""The ``plait`` command: parse -> RunConfig -> library call. Nothing else lives here.
+
+Every user error ends as one line on stderr and exit code 2; a crashed or killed worker as one
+line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import config as C
+from .errors import ConfigError, PlaitError
+from .launch import WorkerFailed
+
+SHORT_FLAGS = {  # --flag -> config key
+    "dp": "parallel.dp", "tp": "parallel.tp", "pp": "parallel.pp", "zero": "parallel.zero",
+    "steps": "train.steps", "data": "data.path", "dtype": "train.dtype",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"plait: error: {message} (see plait {self.prog.split()[-1]} --help)\n")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with [model], [parallel], [train], [data], [checkpoint]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key, e.g. --set parallel.dp=2 (repeatable)")
+    p.add_argument("--nproc", type=int, help="local processes (default: CPU cores, or visible GPUs)")
+    for flag, key in SHORT_FLAGS.items():
+        p.add_argument(f"--{flag}", help=f"same as --set {key}=VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="plait", description="Train transformer language models on many processes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model (default: a small GPT on the embedded corpus)")
+    _config_args(train)
+    train.add_argument("--out", help="output folder (default: runs/<date-time>); must not hold a run")
+    train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    train.add_argument("--sample", type=int, default=300, help="bytes of text to generate at the end")
+    verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
+    _config_args(verify)
+    verify.add_argument("--layouts", default="dp=2;dp=2,micro_batch=1",
+                        help='";"-separated layouts of comma-separated key=value (parallel/train keys)')
+    verify.add_argument("--tol", type=float, help="tolerance (default: 1e-9 in float64, 1e-4 otherwise)")
+    verify.add_argument("--json", action="store_true", help="print a JSON list")
+    bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
+    bench.add_argument("what", choices=["dp"], help="dp: plait's data parallel vs torch DDP")
+    _config_args(bench)
+    bench.add_argument("--iters", type=int, default=8, help="measured steps (median reported)")
+    bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
+    bench.add_argument("--json", action="store_true", help="print a JSON object")
+    return parser
+
+
+def load_config(args: argparse.Namespace, defaults: dict | None = None) -> C.RunConfig:
+    """Defaults of the command, then --config, then --set, then the short flags."""
+    sets = [f"{k}={v}" for k, v in (defaults or {}).items()] + list(args.set)
+    sets += [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items() if getattr(args, flag) is not None]
+    if args.config:
+        cfg = C.load(args.config)
+        return C.from_dict(C.parse_overrides(sets), cfg)
+    return C.load(None, sets)
+
+
+def default_nproc(cfg: C.RunConfig) -> int:
+    """Visible GPUs on CUDA, else CPU cores; at least tp*pp (and dp*tp*pp when dp is given)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    p = cfg.parallel
+    return p.dp * p.tp * p.pp if p.dp else max(n - n % (p.tp * p.pp), p.tp * p.pp)
+
+
+def nproc_for(args: argparse.Namespace, cfg: C.RunConfig) -> int:
+    if "WORLD_SIZE" in os.environ and _torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError("--nproc", args.nproc, "must be at least 1")
+        return args.nproc
+    return default_nproc(cfg)
+
+
+def _torchrun() -> bool:
+    from .launch import under_torchrun
+
+    return under_torchrun()
+
+
+def out_dir(arg: str | None, check: bool = True) -> Path:
+    """The output folder: new, or empty; an existing run is never overwritten.
+
+    Under torchrun every rank computes the same path (from the run id); only rank 0 checks it.
+    """
+    if arg:
+        out = Path(arg).expanduser()
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):
+        out = Path("runs") / os.environ["TORCHELASTIC_RUN_ID"]
+    else:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if check and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError("--out", str(out), "already exists and is not empty; give a new folder")
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .launch import run_in_process, run_local
+    from .train.data import load_corpus
+    from .train.trainer import RunOptions, train_worker, write_config
+
+    cfg = load_config(args)
+    nproc = nproc_for(args, cfg)
+    cfg = C.resolve(cfg, nproc)
+    rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
+    out = out_dir(args.out, check=rank == 0)
+    load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
+    opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out)
+    if _torchrun():
+        result = run_in_process(train_worker, (cfg, opts))
+    else:
+        result = run_local(train_worker, nproc, (cfg, opts))[0]
+    if result is not None:
+        _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    if result.sample:
+        print("\n--- sample ---\n" + result.sample + "\n--------------")
+    if result.val_losses:
+        first, last = result.val_losses[0][1], result.val_losses[-1][1]
+        print(f"validation loss {first:.3f} -> {last:.3f}")
+    print(f"outputs: {Path(result.out).resolve()} (metrics.jsonl, config.toml, loss.png, tb/, checkpoints/)")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import format_table, parse_layouts, run_verify
+
+    defaults = {"train.dtype": "float64", "train.steps": "20", "train.eval_every": "0"}
+    base = load_config(args, defaults)
+    layouts = parse_layouts(args.layouts)
+    tol = args.tol if args.tol is not None else (1e-9 if base.train.dtype == "float64" else 1e-4)
+    rows = run_verify(base, layouts, tol, progress=not args.json)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BENCH_DEFAULTS, bench_dp, format_result
+
+    cfg = load_config(args, BENCH_DEFAULTS)
+    nproc = nproc_for(args, cfg)
+    cfg = C.resolve(cfg, nproc)
+    result = bench_dp(cfg, nproc, iters=args.iters, warmup=args.warmup)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "verify": cmd_verify, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except PlaitError as e:
+        print(f"plait: error: {e}", file=sys.stderr)
+        return 2
+    except WorkerFailed as e:
+        print(f"plait: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Run configuration: frozen dataclasses, TOML files, ``--set section.key=value`` overrides.
+
+The section and key names are a contract (see DESIGN.md): tests, benchmarks and users' files use
+them. Everything is validated once, in :func:`validate`, before any process starts; a bad value
+raises :class:`~plait.errors.ConfigError`, whose message names the field, the value and what
+would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import ConfigError, PlaitError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FLAVOURS = ("gpt2", "llama")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+DTYPES = ("auto", "float32", "float64", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    flavour: str = "gpt2"
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 0  # 0: same as heads (no grouped-query attention)
+    ffn_hidden: int = 0  # 0: 4*hidden for gpt2, SwiGLU's 8/3*hidden rounded to 32 for llama
+    vocab: int = 256
+    seq_len: int = 128
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 0  # 0: auto, the processes left after tp and pp
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    microbatches: int = 0  # 0: auto
+    stage_layers: tuple[int, ...] = ()  # empty: balanced split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, over all dp ranks
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 autocast on CUDA
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # empty: the embedded corpus (the standard library's .py files)
+    val_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # steps between saves; 0: only at the end
+    keep: int = 2
+    async_: bool = False  # key "async" in files and --set
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")
+
+
+def section_keys(section: str) -> dict[str, dataclasses.Field]:
+    """Key name -> dataclass field of one section."""
+    cls = _SECTIONS[section]
+    return {_key(f): f for f in fields(cls)}
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def _field_type(section: str, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(_SECTIONS[section])
+    return hints[f.name]
+
+
+def _coerce(name: str, value: object, typ: object) -> object:
+    """Convert a TOML value or a ``--set`` string into the field's type."""
+    if typing.get_origin(typ) is tuple:
+        return _coerce_tuple(name, value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(name, value, "expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(name, value, "expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, value, "expected an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(name, value, "expected an integer")
+        return int(as_float)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, value, "expected a number") from None
+    return str(value)
+
+
+def _coerce_tuple(name: str, value: object) -> tuple[int, ...]:
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        value = [v for v in text.replace(" ", "").split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(name, value, "expected a list of integers such as 2,2")
+    return tuple(_coerce(name, v, int) for v in value)
+
+
+def from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
+    """Build a config from nested ``{section: {key: value}}``; unknown names are errors."""
+    cfg = base or RunConfig()
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(section, "", f"unknown section; valid sections: {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(section, values, "expected a table of key = value")
+        cfg = replace(cfg, **{section: _update_section(section, getattr(cfg, section), values)})
+    return cfg
+
+
+def _update_section(section: str, current: object, values: dict) -> object:
+    keys = section_keys(section)
+    changes = {}
+    for key, value in values.items():
+        name = f"{section}.{key}"
+        if key not in keys:
+            raise ConfigError(name, value, f"unknown key; valid keys of [{section}]: {', '.join(keys)}")
+        f = keys[key]
+        changes[f.name] = _coerce(name, value, _field_type(section, f))
+    return replace(current, **changes)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.steps=5", ...]`` -> ``{"train": {"steps": "5"}}`` (strings, coerced later)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError("--set", item, "expected section.key=value, e.g. train.steps=50")
+        path, value = item.split("=", 1)
+        section, key = path.strip().split(".", 1)
+        out.setdefault(section, {})[key] = value.strip()
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the TOML file (if any), then ``--set`` overrides, in that order."""
+    cfg = RunConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(path), "no such file; give a TOML file")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("--config", str(path), f"not valid TOML ({e})") from None
+        cfg = from_dict(data, cfg)
+    return from_dict(parse_overrides(overrides or []), cfg)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return {
+        s: {_key(f): getattr(getattr(cfg, s), f.name) for f in fields(_SECTIONS[s])}
+        for s in _SECTIONS
+    }
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Serialise (the small subset of TOML these dataclasses need)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
+    """Fill the automatic values (dp, kv_heads, ffn_hidden) for ``nproc`` processes, then validate."""
+    m, p = cfg.model, cfg.parallel
+    if p.dp == 0 and nproc % (p.tp * p.pp) == 0 and p.tp > 0 and p.pp > 0:
+        p = replace(p, dp=nproc // (p.tp * p.pp))
+    kv = m.kv_heads or m.heads
+    ffn = m.ffn_hidden or default_ffn_hidden(m.flavour, m.hidden)
+    cfg = replace(cfg, model=replace(m, kv_heads=kv, ffn_hidden=ffn), parallel=p)
+    validate(cfg, nproc)
+    return cfg
+
+
+def default_ffn_hidden(flavour: str, hidden: int) -> int:
+    if flavour == "llama":
+        return 32 * ((8 * hidden // 3 + 31) // 32)
+    return 4 * hidden
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(name, value, "must be positive")
+
+
+def validate(cfg: RunConfig, nproc: int) -> None:
+    """Check every rule once; raise ConfigError naming the first broken one."""
+    _validate_model(cfg.model)
+    _validate_parallel(cfg.parallel, nproc)
+    _validate_train(cfg.train, cfg.parallel)
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        bad = ("every", cfg.checkpoint.every) if cfg.checkpoint.every < 0 else ("keep", cfg.checkpoint.keep)
+        raise ConfigError(f"checkpoint.{bad[0]}", bad[1], "every >= 0 and keep >= 1")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    if m.flavour not in FLAVOURS:
+        raise ConfigError("model.flavour", m.flavour, f"valid flavours: {', '.join(FLAVOURS)}")
+    for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.vocab < 256:
+        raise ConfigError("model.vocab", m.vocab, "byte-level tokens need vocab >= 256")
+    if m.hidden % m.heads:
+        raise ConfigError("model.heads", m.heads, f"must divide model.hidden={m.hidden}")
+    if (m.hidden // m.heads) % 2 and m.flavour == "llama":
+        raise ConfigError("model.heads", m.heads, "llama's RoPE needs an even head size hidden/heads")
+    if m.heads % m.kv_heads:
+        raise ConfigError("model.kv_heads", m.kv_heads, f"must divide model.heads={m.heads}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
+
+
+def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
+    for key in ("tp", "pp", "virtual_stages"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if p.dp < 0:
+        raise ConfigError("parallel.dp", p.dp, "must be positive (or 0 for auto)")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero", p.zero, "must be one of 0, 1, 2, 3")
+    if p.schedule not in SCHEDULES:
+        raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(SCHEDULES)}")
+    if p.dp * p.tp * p.pp != nproc:
+        dp = p.dp or "auto"
+        raise ConfigError(
+            "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
+            f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
+        )
+    _not_yet("parallel.tp", p.tp, p.tp > 1, "tensor parallel")
+    _not_yet("parallel.pp", p.pp, p.pp > 1, "pipeline parallel")
+    _not_yet("parallel.zero", p.zero, p.zero > 0, "ZeRO sharding")
+    _not_yet("parallel.sequence_parallel", p.sequence_parallel, p.sequence_parallel, "sequence parallel")
+
+
+def _not_yet(name: str, value: object, used: bool, what: str) -> None:
+    if used:
+        raise ConfigError(name, value, f"{what} is not supported yet; use the default")
+
+
+def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:
+    for key in ("steps", "global_batch", "micro_batch", "lr", "eval_batches", "log_every"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("min_lr", "warmup", "weight_decay", "grad_clip", "eval_every"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
+    if t.dtype not in DTYPES:
+        raise ConfigError("train.dtype", t.dtype, f"valid dtypes: {', '.join(DTYPES)}")
+    per_step = p.dp * t.micro_batch
+    if t.global_batch % per_step:
+        raise ConfigError(
+            "train.global_batch", t.global_batch,
+            f"must be a multiple of dp x micro_batch = {p.dp} x {t.micro_batch} = {per_step}",
+        )
+
+
+def check_launchable(nproc: int) -> None:
+    if nproc < 1:
+        raise PlaitError(f"--nproc={nproc}: must be at least 1")

@@ -1,0 +1,170 @@
+"""A decoder-only transformer in two flavours; plain PyTorch, no distributed code.
+
+- ``gpt2``: LayerNorm, GELU MLP, learned positions, biases, tied input/output embeddings.
+- ``llama``: RMSNorm, SwiGLU MLP, rotary positions (RoPE), grouped-query attention, no biases,
+  untied output layer.
+
+Parallel code replaces modules from the outside (tensor parallel swaps the linears, pipeline
+parallel keeps a slice of ``blocks``), so layers infer their local head counts from the shapes
+of their projections and never from the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.flavour == "llama":
+        return nn.RMSNorm(cfg.hidden, eps=1e-5)
+    return nn.LayerNorm(cfg.hidden, eps=1e-5)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (seq_len, head_dim/2), of RoPE (Su et al. 2021)."""
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, heads, S, head_dim) by the position's angles."""
+    s = x.shape[-2]
+    cos, sin = cos[:s].to(x.dtype), sin[:s].to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.hidden // cfg.heads
+        bias = cfg.flavour == "gpt2"
+        self.wq = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=bias)
+        self.dropout = cfg.dropout
+        self.rope = cfg.flavour == "llama"
+        if self.rope:
+            cos, sin = rope_tables(cfg.seq_len, self.head_dim)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, _ = t.shape  # (B, S, heads*hd) -> (B, heads, S, hd); heads may be a tp shard
+        return t.view(b, s, -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.wq(x)), self._heads(self.wk(x)), self._heads(self.wv(x))
+        if self.rope:
+            q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # (B, heads, S, hd)
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.flavour == "llama"
+        bias = not self.swiglu
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
+        self.up = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=bias)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = _norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = _norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x)))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    """tokens (B, S) -> logits (B, S, vocab), as ``head(blocks(embed(tokens)))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden) if cfg.flavour == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        if cfg.flavour == "gpt2":
+            self.lm_head.weight = self.tok_emb.weight  # tied embeddings
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.down.weight")):  # GPT-2's residual scaling
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens)  # (B, S, H)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))  # (B, S, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def num_params(model: nn.Module) -> int:
+    """Parameters counted once (tied weights are one parameter)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8,
+             top_k: int = 40, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last seq_len tokens."""
+    was_training = model.training
+    model.eval()
+    out = prompt.clone()
+    for _ in range(new_tokens):
+        ctx = out[-model.cfg.seq_len:].unsqueeze(0)
+        logits = model(ctx)[0, -1].float() / temperature
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator)
+        out = torch.cat([out, nxt.to(out.device)])
+    model.train(was_training)
+    return out

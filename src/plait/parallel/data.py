@@ -1,0 +1,143 @@
+"""Data parallel: bucketed gradient all-reduce over the dp group, overlapped with backward.
+
+Every dp rank holds the whole model and sees its own share of the batch (Li et al. 2020, the
+design of PyTorch DDP): gradients are laid out in a few flat buckets, ``param.grad`` being a view
+into its bucket, so a ready bucket is sent as one message with no copy.
+
+- forward: nothing travels.
+- backward: once every gradient in a bucket is final, the bucket is divided by dp and
+  all-reduced (sum) over ``groups.dp`` asynchronously, while autograd goes on with the earlier
+  layers. Buckets are launched strictly in index order, so every rank issues the same collectives
+  in the same order (gloo and NCCL both need that).
+- ``finish()`` waits for every bucket: after it each rank holds the mean gradient over dp.
+- inside ``no_sync()`` (gradient-accumulation micro-steps) nothing travels; the last micro-step,
+  outside it, sends the accumulated sum once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    buffer: torch.Tensor  # flat; each param's .grad is a view into it
+    pending: int = 0  # gradients not yet final in this backward
+    work: object | None = None
+    launched: bool = False
+    index: int = 0
+    ready: bool = False
+
+
+def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Group parameters, in the order given, into buckets of at most ``cap_bytes`` (one dtype each).
+
+    The first bucket is smaller (as in DDP) so that communication starts early in backward.
+    """
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if buckets:
+            cur = buckets[-1]
+            cap = first_cap_bytes if len(buckets) == 1 else cap_bytes
+            if cur[0].dtype == p.dtype and cur[0].device == p.device and size + nbytes <= cap:
+                cur.append(p)
+                size += nbytes
+                continue
+        buckets.append([p])
+        size = nbytes
+    return buckets
+
+
+class DataParallel:
+    """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
+        self.module, self.group = module, group
+        self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups = plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+        self.buckets = [self._make_bucket(i, ps) for i, ps in enumerate(groups)]
+        self._bucket_of = {p: b for b in self.buckets for p in b.params}
+        self._sync = True
+        self._next = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        self._reset()
+
+    @staticmethod
+    def _make_bucket(index: int, params: list[nn.Parameter]) -> Bucket:
+        total = sum(p.numel() for p in params)
+        buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+        bucket = Bucket(params=params, buffer=buffer, index=index)
+        _attach_views(bucket)
+        return bucket
+
+    def _reset(self) -> None:
+        for b in self.buckets:
+            b.pending, b.work, b.launched, b.ready = len(b.params), None, False, False
+        self._next = 0
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally; nothing travels until the next backward outside."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        b = self._bucket_of[p]
+        b.pending -= 1
+        if b.pending == 0:
+            b.ready = True
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].ready:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, b: Bucket) -> None:
+        if self.dp > 1:
+            b.buffer.div_(self.dp)
+            b.work = dist.all_reduce(b.buffer, group=self.group, async_op=True)
+        b.launched = True
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching any whose parameters took no part in this backward)."""
+        for b in self.buckets:
+            b.ready = True
+        self._launch_ready()
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+        self._reset()
+
+    def zero_grad(self) -> None:
+        """Zero the buckets in place and (re)attach every ``.grad`` as a view into its bucket.
+
+        Use this, never ``optimizer.zero_grad()``, whose ``set_to_none`` would detach the views.
+        """
+        for b in self.buckets:
+            b.buffer.zero_()
+            _attach_views(b)
+
+    def grad_bytes(self) -> int:
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+
+
+def _attach_views(b: Bucket) -> None:
+    offset = 0
+    for p in b.params:
+        p.grad = b.buffer[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()

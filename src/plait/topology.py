@@ -1,0 +1,113 @@
+"""Rank arithmetic for the (pp, dp, tp) grid, and the one place that creates process groups.
+
+Ranks are laid out row-major over ``(pp, dp, tp)``: tp varies fastest, so the ranks of one
+tensor-parallel group are neighbours (on one node, where the traffic is heaviest), as in
+Megatron-LM. ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``.
+
+Everything above :func:`build_groups` is pure and unit-tested without processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple
+
+DIMS = ("pp", "dp", "tp")
+
+
+class Coord(NamedTuple):
+    pp_rank: int
+    dp_rank: int
+    tp_rank: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def coords(self, rank: int) -> Coord:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} outside a world of {self.world}")
+        rest, tp_rank = divmod(rank, self.tp)
+        pp_rank, dp_rank = divmod(rest, self.dp)
+        return Coord(pp_rank, dp_rank, tp_rank)
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def group_ranks(self, dim: str) -> list[list[int]]:
+        """All groups along ``dim``: the ranks that differ only in that coordinate."""
+        if dim not in DIMS:
+            raise ValueError(f"dim must be one of {DIMS}, not {dim!r}")
+        groups: dict[tuple, list[int]] = {}
+        for rank in range(self.world):
+            c = self.coords(rank)._asdict()
+            key = tuple(v for k, v in c.items() if k != f"{dim}_rank")
+            groups.setdefault(key, []).append(rank)
+        return list(groups.values())
+
+    def peers(self, rank: int, dim: str) -> list[int]:
+        """The ranks in ``rank``'s group along ``dim``, itself included."""
+        return next(g for g in self.group_ranks(dim) if rank in g)
+
+    def prefix(self, rank: int) -> str:
+        c = self.coords(rank)
+        return f"[r{rank} pp{c.pp_rank} dp{c.dp_rank} tp{c.tp_rank}]"
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Process groups of one rank, passed explicitly to whatever communicates (no globals)."""
+
+    topology: Topology
+    rank: int
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    pp: object
+    dp: object
+    tp: object
+
+    @property
+    def coord(self) -> Coord:
+        return self.topology.coords(self.rank)
+
+
+def build_groups(topology: Topology, device_type: str) -> Groups:
+    """Create the DeviceMesh ``(pp, dp, tp)`` and its per-dimension groups (collective call)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.get_world_size() != topology.world:
+        raise ValueError(f"world size {dist.get_world_size()} != pp*dp*tp = {topology.world}")
+    shape = (topology.pp, topology.dp, topology.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
+    groups = {d: mesh.get_group(d) for d in DIMS}
+    return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, **groups)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank_prefix = self.prefix
+        return True
+
+
+def setup_logging(prefix: str = "", level: int = logging.INFO) -> None:
+    """Root logging with a rank prefix such as ``[r3 pp1 dp0 tp1]`` on every line."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler.addFilter(_RankFilter(prefix))
+    handler.setFormatter(logging.Formatter("%(rank_prefix)s %(message)s" if prefix else "%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)

@@ -1,0 +1,109 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a progress bar (rank 0), memory counts.
+
+Memory is accounted by counting tensor bytes (parameters, gradients, optimizer states, saved
+activations): on CPU the process RSS hides savings behind the allocator's caches (DESIGN.md).
+On CUDA the allocator's own peak is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+class ActivationMeter:
+    """Counts the bytes autograd saves for backward (activations), parameters excluded.
+
+    Use as a context around forward; ``peak`` is the largest total seen. Each storage is counted
+    once, so a tensor saved by two operations is not counted twice.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.current = 0
+        self.peak = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if ptr not in self._param_ptrs and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.current += t.untyped_storage().nbytes()
+            self.peak = max(self.peak, self.current)
+        return t
+
+    def __enter__(self):
+        self._seen.clear()
+        self.current = 0
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+class MetricsWriter:
+    """Rank 0's sink: one JSON object a step in metrics.jsonl, TensorBoard scalars, progress bar."""
+
+    def __init__(self, out: Path | None, total_steps: int, progress: bool = True):
+        self.out = out
+        self.rows: list[dict] = []
+        self._file = open(out / "metrics.jsonl", "a") if out else None  # noqa: SIM115
+        self._tb = self._tensorboard(out)
+        self._bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress,
+                         mininterval=1.0, dynamic_ncols=True)
+
+    @staticmethod
+    def _tensorboard(out: Path | None):
+        if out is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard missing: keep training, say so once
+            log.warning("tensorboard is not installed; no tb/ events will be written")
+            return None
+        return SummaryWriter(str(out / "tb"))
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        if self._tb:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, row["step"])
+        if "loss" in row:
+            self._bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
+            self._bar.update(1)
+        if "val_loss" in row:
+            self.say(f"step {row['step']}: validation loss {row['val_loss']:.4f}")
+
+    def say(self, text: str) -> None:
+        if self._bar.disable:
+            log.info(text)
+        else:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()

@@ -1,0 +1,230 @@
+"""The training loop, run on every rank: batch -> micro-batches -> backward -> sync -> update.
+
+One optimizer step (``Trainer.step``) reads top to bottom:
+1. this dp rank's share of the global batch, cut into micro-batches;
+2. forward and backward of each, loss scaled by 1/micro-steps; gradients travel only after the
+   last one (earlier ones run under ``no_sync``);
+3. wait for the gradient all-reduce, clip by the global norm, AdamW step, zero the buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import comm
+from ..config import RunConfig, to_toml
+from ..models import build_model, generate, num_params
+from ..parallel.hybrid import parallelize
+from ..topology import Topology, build_groups, setup_logging
+from .checkpoint import Checkpointer
+from .data import Corpus, Sampler, load_corpus, val_batches
+from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes, tensor_bytes
+from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, as opposed to what to train (that is the RunConfig)."""
+
+    out: Path | None = None  # None: write nothing (verify, bench)
+    progress: bool = True
+    keep_params: bool = False  # return the final parameters (rank 0) for comparison
+    sample_tokens: int = 0  # generate this many bytes at the end (rank 0)
+    sample_prompt: str = "def "
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    params: dict[str, torch.Tensor] | None = None
+    sample: str | None = None
+    out: str | None = None
+
+
+def param_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.float64 if cfg.train.dtype == "float64" else torch.float32
+
+
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default ("auto"), or when asked; None means plain precision."""
+    if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """Model, optimizer and data of one rank; ``step()`` is one optimizer step."""
+
+    def __init__(self, cfg: RunConfig, corpus: Corpus, device: torch.device):
+        p, t = cfg.parallel, cfg.train
+        self.cfg, self.device = cfg, device
+        self.topology = Topology(pp=p.pp, dp=p.dp, tp=p.tp)
+        self.groups = build_groups(self.topology, device.type)
+        self.coord = self.groups.coord
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model).to(device=device, dtype=param_dtype(cfg))
+        self.pm = parallelize(model, self.groups, cfg)
+        self.model = self.pm.module
+        self.optimizer = build_optimizer(self.model, t)
+        torch.manual_seed(t.seed + 1 + self.coord.dp_rank)  # dropout differs across dp ranks
+        self.corpus = corpus
+        self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, t.seed, self.coord.dp_rank, p.dp)
+        self.amp = autocast_dtype(cfg, device)
+        self.meter = ActivationMeter(self.model)
+        self.activation_peak = 0
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _micro_batches(self, step: int):
+        x, y = self.sampler.batch(step)  # (B/dp, S) each
+        mb = self.cfg.train.micro_batch
+        return [(x[i:i + mb].to(self.device), y[i:i + mb].to(self.device)) for i in range(0, len(x), mb)]
+
+    def _forward_backward(self, x, y, scale: float, measure: bool) -> torch.Tensor:
+        meter = self.meter if measure else contextlib.nullcontext()
+        with meter, self._autocast():
+            logits = self.model(x)  # (b, S, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        (loss * scale).backward()
+        return loss.detach()
+
+    def step(self, step: int) -> dict:
+        """One optimizer step; returns the metrics row (loss averaged over dp)."""
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.cfg.train)
+        set_lr(self.optimizer, lr)
+        micro = self._micro_batches(step)
+        losses = []
+        for i, (x, y) in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.pm.grad_sync.no_sync()
+            with sync:
+                losses.append(self._forward_backward(x, y, 1.0 / len(micro), measure=step == 0))
+        self.pm.grad_sync.finish()
+        grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.pm.grad_sync.zero_grad()
+        loss = comm.all_reduce_scalar(float(torch.stack(losses).mean()), self.groups.dp) / self.cfg.parallel.dp
+        if step == 0:
+            self.activation_peak = self.meter.peak
+        dt = time.perf_counter() - t0
+        tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
+        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens / dt, "step_time_s": dt, "mem_peak_bytes": self.mem_peak_bytes()}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes per rank by kind, counted from the tensors themselves."""
+        return {
+            "params": tensor_bytes(self.model.parameters()),
+            "grads": self.pm.grad_sync.grad_bytes(),
+            "optimizer": optimizer_bytes(self.optimizer),
+            "activations": self.activation_peak,
+        }
+
+    def mem_peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return sum(self.memory().values())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per token over a fixed set of windows, shared out over dp."""
+        t, p = self.cfg.train, self.cfg.parallel
+        x, y = val_batches(self.corpus.val, self.cfg.model.seq_len, t.eval_batches * t.global_batch,
+                           self.coord.dp_rank, p.dp)
+        self.model.eval()
+        total = 0.0
+        for i in range(0, len(x), t.micro_batch):
+            xb, yb = x[i:i + t.micro_batch].to(self.device), y[i:i + t.micro_batch].to(self.device)
+            with self._autocast():
+                logits = self.model(xb)
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum"))
+        self.model.train()
+        stats = torch.tensor([total, float(y.numel())], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats, group=self.groups.dp)
+        return float(stats[0] / stats[1])
+
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter of the whole model by name, on CPU (replicated under dp)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
+
+
+def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
+    """Everything one rank does for ``plait train`` (and for verify, without outputs)."""
+    device = comm.pick_device()
+    rank = dist.get_rank()
+    setup_logging(Topology(cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.tp).prefix(rank))
+    corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
+    trainer = Trainer(cfg, corpus, device)
+    lead = rank == 0
+    if lead and opts.out:
+        log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s; %d steps",
+                 cfg.model.flavour, num_params(trainer.model) / 1e6, cfg.parallel.dp, cfg.parallel.tp,
+                 cfg.parallel.pp, device.type, cfg.train.steps)
+    result = _loop(trainer, opts, lead)
+    if lead and opts.keep_params:
+        result.params = trainer.full_params()
+    if lead and opts.sample_tokens:
+        result.sample = _sample(trainer, opts)
+    return result if lead else None
+
+
+def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
+    cfg = trainer.cfg
+    steps, every = cfg.train.steps, cfg.train.eval_every
+    writer = MetricsWriter(opts.out, steps, progress=opts.progress) if lead else None
+    ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every,
+                        cfg.checkpoint.keep, cfg.checkpoint.async_)
+    result = TrainResult(out=str(opts.out) if opts.out else None)
+    evaluating = every > 0 and len(trainer.corpus.val) > cfg.model.seq_len
+    if evaluating:
+        _record_val(trainer, writer, result, {"step": 0})
+    for step in range(steps):
+        row = trainer.step(step)
+        result.losses.append(row["loss"])
+        if evaluating and (row["step"] % every == 0 or row["step"] == steps):
+            _record_val(trainer, writer, result, row)
+        elif writer:
+            writer.write(row)
+        if ckpt.due(row["step"], steps):
+            ckpt.save(row["step"], trainer.model, trainer.optimizer, {"sampler": trainer.sampler.state_dict()})
+    ckpt.wait()
+    if writer:
+        writer.close()
+        if opts.out:
+            from ..viz import plot_losses
+
+            plot_losses(writer.rows, opts.out / "loss.png")
+    return result
+
+
+def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainResult, row: dict) -> None:
+    val = trainer.evaluate()
+    result.val_losses.append((row["step"], val))
+    if writer:
+        writer.write({**row, "val_loss": val})
+
+
+def _sample(trainer: Trainer, opts: RunOptions) -> str:
+    prompt = torch.tensor(list(opts.sample_prompt.encode()), dtype=torch.long, device=trainer.device)
+    gen = torch.Generator().manual_seed(trainer.cfg.train.seed)
+    with trainer._autocast():
+        out = generate(trainer.model, prompt, opts.sample_tokens, generator=gen)
+    return bytes(t for t in out.tolist() if t < 256).decode("utf-8", errors="replace")
+
+
+def write_config(cfg: RunConfig, out: Path) -> None:
+    (out / "config.toml").write_text(to_toml(cfg))

@@ -1,0 +1,101 @@
+"""The equivalence harness: every layout must compute what one process computes.
+
+Each layout trains the same model from the same seed on the same global batches as a
+one-process reference; we compare the loss at every step and every parameter at the end.
+Differences are relative: ``|a - b| / |b|`` for losses, ``||a - b|| / ||b||`` per parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from . import config as C
+from .errors import ConfigError
+from .launch import run_local
+from .train.data import load_corpus
+from .train.trainer import RunOptions, TrainResult, train_worker
+
+log = logging.getLogger(__name__)
+
+LAYOUT_SECTIONS = ("parallel", "train")
+
+
+def parse_layouts(text: str) -> list[dict[str, dict[str, str]]]:
+    """``"dp=2;dp=2,micro_batch=1"`` -> one ``{section: {key: value}}`` per layout."""
+    layouts = []
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        layout: dict[str, dict[str, str]] = {}
+        for pair in filter(None, (s.strip() for s in item.split(","))):
+            if "=" not in pair:
+                raise ConfigError("--layouts", item, "expected comma-separated key=value, e.g. dp=2,micro_batch=1")
+            key, value = (s.strip() for s in pair.split("=", 1))
+            layout.setdefault(_section_of(key, item), {})[key] = value
+        layouts.append(layout)
+    if not layouts:
+        raise ConfigError("--layouts", text, "give at least one layout, e.g. dp=2")
+    return layouts
+
+
+def _section_of(key: str, item: str) -> str:
+    for section in LAYOUT_SECTIONS:
+        if key in C.section_keys(section):
+            return section
+    valid = ", ".join(k for s in LAYOUT_SECTIONS for k in C.section_keys(s))
+    raise ConfigError("--layouts", item, f"unknown key {key!r}; valid keys: {valid}")
+
+
+def layout_name(layout: dict) -> str:
+    return ",".join(f"{k}={v}" for section in layout.values() for k, v in section.items())
+
+
+def layout_config(base: C.RunConfig, layout: dict) -> tuple[C.RunConfig, int]:
+    """The layout's resolved config and its process count (dp defaults to 1 here, not auto)."""
+    cfg = C.from_dict(layout, replace(base, parallel=replace(base.parallel, dp=0)))
+    p = cfg.parallel
+    nproc = max(p.dp, 1) * p.tp * p.pp
+    return C.resolve(cfg, nproc), nproc
+
+
+def _run(cfg: C.RunConfig, nproc: int) -> TrainResult:
+    opts = RunOptions(out=None, progress=False, keep_params=True)
+    return run_local(train_worker, nproc, (cfg, opts), timeout_s=1800, collective_timeout_s=300)[0]
+
+
+def compare(ref: TrainResult, got: TrainResult) -> tuple[float, float]:
+    """Largest relative loss difference over steps, largest relative parameter difference."""
+    loss = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(got.losses, ref.losses))
+    param = 0.0
+    for name, want in ref.params.items():
+        have = got.params[name].to(want.dtype)
+        param = max(param, float(torch.linalg.vector_norm(have - want) / torch.linalg.vector_norm(want).clamp_min(1e-30)))
+    return loss, param
+
+
+def run_verify(base: C.RunConfig, layouts: list[dict], tol: float, progress: bool = True) -> list[dict]:
+    """Run the reference once and every layout; one result row per layout."""
+    configs = [layout_config(base, layout) for layout in layouts]  # all validated before any run
+    ref_cfg, _ = layout_config(base, {"parallel": {"dp": "1", "tp": "1", "pp": "1", "zero": "0"}})
+    load_corpus(base.data, base.model.seq_len, progress=progress)
+    ref = _run(ref_cfg, 1)
+    rows = []
+    for layout, (cfg, nproc) in zip(layouts, configs):
+        loss, param = compare(ref, _run(cfg, nproc))
+        rows.append({"layout": layout_name(layout), "nproc": nproc, "steps": cfg.train.steps,
+                     "dtype": cfg.train.dtype, "max_loss_rel_diff": loss, "max_param_rel_diff": param,
+                     "ok": bool(loss <= tol and param <= tol)})
+        if progress:
+            log.info("%-28s loss %.2e  params %.2e  %s", rows[-1]["layout"], loss, param,
+                     "ok" if rows[-1]["ok"] else "FAIL")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'layout':<32} {'nproc':>5} {'steps':>5} {'dtype':>8} {'loss diff':>10} {'param diff':>10}  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['layout']:<32} {r['nproc']:>5} {r['steps']:>5} {r['dtype']:>8} "
+                     f"{r['max_loss_rel_diff']:>10.2e} {r['max_param_rel_diff']:>10.2e}  {'yes' if r['ok'] else 'NO'}")
+    return "\n".join(lines)
