@@ -31,8 +31,8 @@ DTYPES = ("auto", "float32", "float64", "bfloat16")
 class ModelConfig:
     flavour: str = "gpt2"
     layers: int = 4
-    hidden: int = 128
-    heads: int = 4
+    hidden: int = 192
+    heads: int = 6
     kv_heads: int = 0  # 0: same as heads (no grouped-query attention)
     ffn_hidden: int = 0  # 0: 4*hidden for gpt2, SwiGLU's 8/3*hidden rounded to 32 for llama
     vocab: int = 256
@@ -55,7 +55,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300
+    steps: int = 600
     global_batch: int = 16  # sequences per optimizer step, over all dp ranks
     micro_batch: int = 8  # sequences per forward/backward on one rank
     lr: float = 2e-3
@@ -65,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 autocast on CUDA
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
 

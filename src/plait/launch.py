@@ -16,6 +16,7 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -96,14 +97,12 @@ def _supervise(procs: list, readers: list, timeout_s: float | None) -> list:
         for obj in wait(watch, timeout=0.5):
             rank = _rank_of(obj, pending, procs)
             if obj in pending.values():
-                try:
-                    results[rank] = obj.recv()
-                except EOFError:
-                    pass
+                with contextlib.suppress(EOFError):
+                    results[rank] = _recv(obj)
                 del pending[rank]
                 _raise_if_failed(rank, results.get(rank))
             else:
-                procs[rank].join(0)
+                procs[rank].join(5)
                 exited.add(rank)
                 if procs[rank].exitcode != 0:
                     _drain(pending, results)
@@ -111,7 +110,20 @@ def _supervise(procs: list, readers: list, timeout_s: float | None) -> list:
         if deadline is not None and time.monotonic() > deadline:
             raise WorkerFailed(f"workers did not finish within {timeout_s:.0f} s; all were stopped")
     _drain(pending, results)
+    missing = [r for r in range(len(procs)) if r not in results]
+    if missing:
+        raise WorkerFailed(f"rank {missing[0]} exited without a result")
     return [results[r][1] for r in range(len(procs))]
+
+
+def _send(conn, msg: tuple) -> None:
+    """Plain pickle: torch's multiprocessing reductions would pass tensors through shared memory
+    handles that die with the worker."""
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn) -> tuple:
+    return pickle.loads(conn.recv_bytes())
 
 
 def _rank_of(obj, pending: dict, procs: list) -> int:
@@ -126,7 +138,7 @@ def _drain(pending: dict, results: dict) -> None:
     for rank, reader in list(pending.items()):
         if reader.poll(0):
             with contextlib.suppress(EOFError):
-                results[rank] = reader.recv()
+                results[rank] = _recv(reader)
             del pending[rank]
 
 
@@ -173,15 +185,15 @@ def _worker(rank, env, fn, args, conn, threads, collective_timeout_s) -> None:
     code = 0
     try:
         comm.init_distributed(comm.pick_device(), collective_timeout_s)
-        conn.send(("ok", fn(*args)))
+        _send(conn, ("ok", fn(*args)))
     except PlaitError as e:
         code = 2
-        conn.send(("error", str(e)))
+        _send(conn, ("error", str(e)))
     except BaseException as e:  # noqa: BLE001 - report every crash to the parent, then exit
         code = 1
         log.error("rank %d crashed:\n%s", rank, traceback.format_exc().rstrip())
         with contextlib.suppress(Exception):
-            conn.send(("crash", f"{type(e).__name__}: {e}"))
+            _send(conn, ("crash", f"{type(e).__name__}: {e}"))
     finally:
         if code == 0:  # after a failure peers may be gone: skip the collective teardown
             comm.shutdown()

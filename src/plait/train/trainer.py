@@ -63,6 +63,11 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """The loss in at least float32 (bf16 logits under autocast), float64 stays float64."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 class Trainer:
     """Model, optimizer and data of one rank; ``step()`` is one optimizer step."""
 
@@ -98,7 +103,7 @@ class Trainer:
         meter = self.meter if measure else contextlib.nullcontext()
         with meter, self._autocast():
             logits = self.model(x)  # (b, S, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss = F.cross_entropy(_upcast(logits).flatten(0, 1), y.flatten())
         (loss * scale).backward()
         return loss.detach()
 
@@ -151,7 +156,7 @@ class Trainer:
             xb, yb = x[i:i + t.micro_batch].to(self.device), y[i:i + t.micro_batch].to(self.device)
             with self._autocast():
                 logits = self.model(xb)
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum"))
+            total += float(F.cross_entropy(_upcast(logits).flatten(0, 1), yb.flatten(), reduction="sum"))
         self.model.train()
         stats = torch.tensor([total, float(y.numel())], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats, group=self.groups.dp)

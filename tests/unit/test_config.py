@@ -1,0 +1,79 @@
+import pytest
+
+from plait import config as C
+from plait.errors import ConfigError
+
+
+def test_defaults_resolve_to_data_parallel_over_all_processes():
+    cfg = C.resolve(C.RunConfig(), nproc=2)
+    assert (cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp) == (2, 1, 1)
+    assert cfg.model.kv_heads == cfg.model.heads
+    assert cfg.model.ffn_hidden == 4 * cfg.model.hidden
+
+
+def test_llama_ffn_default_is_rounded_swiglu_width():
+    assert C.default_ffn_hidden("llama", 128) == 352  # 8/3 * 128 = 341.3 -> multiple of 32
+
+
+def test_toml_file_then_set_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[model]\nflavour = "llama"\nlayers = 3\n[train]\nlr = 0.01\n[checkpoint]\nasync = true\n')
+    cfg = C.load(f, ["model.layers=5", "parallel.stage_layers=2,3", "train.dtype=float64"])
+    assert cfg.model.flavour == "llama" and cfg.model.layers == 5
+    assert cfg.train.lr == 0.01 and cfg.train.dtype == "float64"
+    assert cfg.parallel.stage_layers == (2, 3)
+    assert cfg.checkpoint.async_ is True
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = C.load(None, ["model.flavour=llama", "parallel.stage_layers=1,3", "data.path=x y.txt"])
+    f = tmp_path / "c.toml"
+    f.write_text(C.to_toml(cfg))
+    assert C.load(f) == cfg
+
+
+@pytest.mark.parametrize("item, field, fragment", [
+    ("model.no_such_key=1", "model.no_such_key", "valid keys of [model]: flavour, layers"),
+    ("nosection.x=1", "nosection", "valid sections: model, parallel"),
+    ("train.steps=abc", "train.steps", "expected an integer"),
+    ("train.steps=1.5", "train.steps", "expected an integer"),
+    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel", "true or false"),
+    ("train.lr=fast", "train.lr", "expected a number"),
+    ("novalue", "--set", "section.key=value"),
+])
+def test_bad_override_names_field_and_valid_values(item, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        C.load(None, [item])
+    assert e.value.field == field
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sets, nproc, field, fragment", [
+    (["parallel.dp=3"], 2, "parallel.dp", "must equal the 2 processes"),
+    (["train.global_batch=7", "parallel.dp=2"], 2, "train.global_batch", "multiple of dp x micro_batch = 2 x 8"),
+    (["model.hidden=100", "model.heads=3"], 1, "model.heads", "must divide model.hidden=100"),
+    (["model.kv_heads=4"], 1, "model.kv_heads", "must divide model.heads=6"),
+    (["train.steps=-5"], 1, "train.steps", "must be positive"),
+    (["parallel.zero=7"], 2, "parallel.zero", "one of 0, 1, 2, 3"),
+    (["model.flavour=bert2"], 1, "model.flavour", "gpt2, llama"),
+    (["train.dtype=float16"], 1, "train.dtype", "float32, float64, bfloat16"),
+    (["data.val_fraction=1.5"], 1, "data.val_fraction", "[0, 1)"),
+    (["parallel.tp=2"], 2, "parallel.tp", "not supported yet"),
+    (["parallel.pp=2"], 2, "parallel.pp", "not supported yet"),
+    (["model.vocab=100"], 1, "model.vocab", ">= 256"),
+])
+def test_validation_errors(sets, nproc, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        C.resolve(C.load(None, sets), nproc)
+    assert e.value.field == field, str(e.value)
+    assert fragment in str(e.value)
+
+
+def test_explicit_dp_matching_processes_is_fine():
+    assert C.resolve(C.load(None, ["parallel.dp=2"]), 2).parallel.dp == 2
+
+
+def test_configs_are_frozen():
+    with pytest.raises(Exception):
+        C.RunConfig().train.steps = 3  # type: ignore[misc]
