@@ -75,5 +75,7 @@ def test_explicit_dp_matching_processes_is_fine():
 
 
 def test_configs_are_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         C.RunConfig().train.steps = 3  # type: ignore[misc]

@@ -44,7 +44,8 @@ def corpus_files(path: str) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+        files = (f for f in p.rglob("*") if f.is_file())
+        return sorted(f for f in files if not any(s.startswith(".") for s in f.relative_to(p).parts))
     raise ConfigError("data.path", path, "no such file or folder; give a text file or a folder of text files")
 
 
@@ -85,7 +86,9 @@ def load_corpus(cfg: DataConfig, seq_len: int, progress: bool = True) -> Corpus:
     files = corpus_files(cfg.path)
     if not files:
         raise ConfigError("data.path", cfg.path, "the folder holds no files (empty corpus)")
-    tokens = np.memmap(tokenize(files, progress), dtype=np.uint8, mode="r") if _nonempty(files) else np.zeros(0, np.uint8)
+    tokens = np.zeros(0, np.uint8)
+    if _nonempty(files):
+        tokens = np.memmap(tokenize(files, progress), dtype=np.uint8, mode="r")
     n_val = int(len(tokens) * cfg.val_fraction)
     need = seq_len + 1
     if len(tokens) - n_val < need or (cfg.val_fraction > 0 and n_val < need):

@@ -1,0 +1,139 @@
+"""The `plait` command as a user runs it: outputs, bad input, a killed worker, bench, verify."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_args
+
+pytestmark = pytest.mark.timeout(180)
+PLAIT = [sys.executable, "-m", "plait"]
+
+
+def plait(*args, timeout=120, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*PLAIT, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_train_writes_every_output(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    r = plait("train", *tiny_args(corpus_file), "--nproc", "2", "--out", str(out), "--steps", "6",
+              "--set", "train.eval_every=3", "--set", "checkpoint.every=3", "--sample", "20", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mem_peak_bytes"):
+        assert all(key in row for row in steps), key
+    assert [row["step"] for row in rows if "val_loss" in row] == [0, 3, 6]
+    assert (out / "config.toml").is_file() and (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tb").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    assert "[r1 pp0 dp1 tp0]" in r.stderr or "[r0 pp0 dp0 tp0]" in r.stderr
+    assert "--- sample ---" in r.stdout and str(out) in r.stdout
+
+
+BAD = [
+    (["--set", "model.no_such_key=1"], "model.no_such_key"),
+    (["--set", "parallel.dp=3", "--nproc", "2"], "parallel.dp"),
+    (["--set", "train.global_batch=7", "--set", "parallel.dp=2", "--nproc", "2"], "train.global_batch"),
+    (["--data", "/nonexistent/path.txt"], "data.path"),
+    (["--data", "{empty_dir}"], "data.path"),
+    (["--data", "{empty_file}"], "data.path"),
+    (["--set", "model.hidden=100", "--set", "model.heads=3"], "model.heads"),
+    (["--set", "train.steps=-5"], "train.steps"),
+    (["--set", "parallel.zero=7"], "parallel.zero"),
+    (["--config", "/nonexistent.toml"], "--config"),
+    (["--nproc", "0"], "--nproc"),
+    (["--bogus-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("args, field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, field):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_file").write_text("")
+    args = [a.format(empty_dir=tmp_path / "empty_dir", empty_file=tmp_path / "empty_file") for a in args]
+    r = plait("train", "--out", str(tmp_path / "o"), *args, timeout=60)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(lines) == 1 and field in lines[0], lines
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    r = plait("train", "--out", str(out), "--steps", "1")
+    assert r.returncode == 2 and "--out" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        kids += [int(c) for c in children]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_sigkill_of_one_worker_ends_the_run(corpus_file, tmp_path, victim):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*PLAIT, "train", *tiny_args(corpus_file), "--nproc", "2", "--out", str(out),
+                             "--steps", "100000", "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2:
+                break
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[victim], signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 30
+        assert rc != 0
+        time.sleep(0.5)
+        assert not [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+
+
+def test_verify_json_and_exit_code(corpus_file):
+    r = plait("verify", *tiny_args(corpus_file), "--steps", "3", "--layouts", "dp=2;dp=2,micro_batch=1", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["layout"] for row in rows] == ["dp=2", "dp=2,micro_batch=1"]
+    assert set(rows[0]) == {"layout", "nproc", "steps", "dtype", "max_loss_rel_diff", "max_param_rel_diff", "ok"}
+    assert all(row["ok"] and row["dtype"] == "float64" for row in rows)
+
+
+def test_verify_bad_layout_key(corpus_file):
+    r = plait("verify", *tiny_args(corpus_file), "--layouts", "dq=2")
+    assert r.returncode == 2 and "unknown key 'dq'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_dp_reports_both_sides(corpus_file):
+    r = plait("bench", "dp", *tiny_args(corpus_file), "--nproc", "2", "--iters", "5", "--warmup", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"] == "torch DistributedDataParallel"
+    assert d["ours_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
+    assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
