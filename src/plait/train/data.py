@@ -88,7 +88,9 @@ def load_corpus(cfg: DataConfig, seq_len: int, progress: bool = True) -> Corpus:
         raise ConfigError("data.path", cfg.path, "the folder holds no files (empty corpus)")
     tokens = np.zeros(0, np.uint8)
     if _nonempty(files):
-        tokens = np.memmap(tokenize(files, progress), dtype=np.uint8, mode="r")
+        cached = tokenize(files, progress)
+        if cached.stat().st_size:  # all files binary: nothing was kept
+            tokens = np.memmap(cached, dtype=np.uint8, mode="r")
     n_val = int(len(tokens) * cfg.val_fraction)
     need = seq_len + 1
     if len(tokens) - n_val < need or (cfg.val_fraction > 0 and n_val < need):
