@@ -71,7 +71,3 @@ def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=op, group=group)
     return float(t.item())
-
-
-def group_size(group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from .errors import ConfigError, PlaitError
+from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -330,8 +330,3 @@ def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:
             "train.global_batch", t.global_batch,
             f"must be a multiple of dp x micro_batch = {p.dp} x {t.micro_batch} = {per_step}",
         )
-
-
-def check_launchable(nproc: int) -> None:
-    if nproc < 1:
-        raise PlaitError(f"--nproc={nproc}: must be at least 1")

@@ -91,14 +91,16 @@ def build_groups(topology: Topology, device_type: str) -> Groups:
     return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, **groups)
 
 
-class _RankFilter(logging.Filter):
+class _RankFormatter(logging.Formatter):
+    """Puts the rank prefix before every line of a record (tracebacks included)."""
+
     def __init__(self, prefix: str):
-        super().__init__()
+        super().__init__("%(message)s")
         self.prefix = prefix
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.rank_prefix = self.prefix
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return "\n".join(f"{self.prefix} {line}" for line in text.splitlines()) if self.prefix else text
 
 
 def setup_logging(prefix: str = "", level: int = logging.INFO) -> None:
@@ -107,7 +109,6 @@ def setup_logging(prefix: str = "", level: int = logging.INFO) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler()
-    handler.addFilter(_RankFilter(prefix))
-    handler.setFormatter(logging.Formatter("%(rank_prefix)s %(message)s" if prefix else "%(message)s"))
+    handler.setFormatter(_RankFormatter(prefix))
     root.addHandler(handler)
     root.setLevel(level)

@@ -56,7 +56,7 @@ def test_verify_matches_one_process(corpus_file, flavour, layouts):
 
 
 def _no_all_reduce(self, bucket):
-    bucket.launched = True
+    pass
 
 
 def test_verify_catches_a_missing_all_reduce(corpus_file, monkeypatch):

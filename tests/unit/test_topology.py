@@ -43,3 +43,17 @@ def test_tensor_parallel_neighbours_are_adjacent_ranks():
 def test_out_of_range_rank_is_rejected():
     with pytest.raises(ValueError):
         Topology(dp=2).coords(2)
+
+
+def test_every_log_line_carries_the_rank_prefix(capsys):
+    import logging
+
+    from plait.topology import setup_logging
+
+    setup_logging(Topology(pp=1, dp=2, tp=1).prefix(1))
+    try:
+        logging.getLogger("x").error("first\nsecond")
+    finally:
+        setup_logging()
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[r1 pp0 dp1 tp0] first", "[r1 pp0 dp1 tp0] second"]

@@ -23,16 +23,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import comm
+
 
 @dataclass
 class Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor  # flat; each param's .grad is a view into it
     pending: int = 0  # gradients not yet final in this backward
-    work: object | None = None
-    launched: bool = False
-    index: int = 0
-    ready: bool = False
+    ready: bool = False  # every gradient final; launched once all earlier buckets are
+    work: object | None = None  # the async all-reduce in flight
 
 
 def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int) -> list[list[nn.Parameter]]:
@@ -64,7 +64,7 @@ class DataParallel:
         self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
         params = [p for p in module.parameters() if p.requires_grad]
         groups = plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
-        self.buckets = [self._make_bucket(i, ps) for i, ps in enumerate(groups)]
+        self.buckets = [self._make_bucket(ps) for ps in groups]
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._sync = True
         self._next = 0
@@ -72,16 +72,16 @@ class DataParallel:
         self._reset()
 
     @staticmethod
-    def _make_bucket(index: int, params: list[nn.Parameter]) -> Bucket:
+    def _make_bucket(params: list[nn.Parameter]) -> Bucket:
         total = sum(p.numel() for p in params)
         buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        bucket = Bucket(params=params, buffer=buffer, index=index)
+        bucket = Bucket(params=params, buffer=buffer)
         _attach_views(bucket)
         return bucket
 
     def _reset(self) -> None:
         for b in self.buckets:
-            b.pending, b.work, b.launched, b.ready = len(b.params), None, False, False
+            b.pending, b.ready, b.work = len(b.params), False, None
         self._next = 0
 
     @contextlib.contextmanager
@@ -110,8 +110,7 @@ class DataParallel:
     def _launch(self, b: Bucket) -> None:
         if self.dp > 1:
             b.buffer.div_(self.dp)
-            b.work = dist.all_reduce(b.buffer, group=self.group, async_op=True)
-        b.launched = True
+            b.work = comm.all_reduce_(b.buffer, self.group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket (launching any whose parameters took no part in this backward)."""

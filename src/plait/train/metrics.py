@@ -61,8 +61,8 @@ class ActivationMeter:
 class MetricsWriter:
     """Rank 0's sink: one JSON object a step in metrics.jsonl, TensorBoard scalars, progress bar."""
 
-    def __init__(self, out: Path | None, total_steps: int, progress: bool = True):
-        self.out = out
+    def __init__(self, out: Path | None, total_steps: int, progress: bool = True, log_every: int = 10):
+        self.out, self.total, self.log_every = out, total_steps, log_every
         self.rows: list[dict] = []
         self._file = open(out / "metrics.jsonl", "a") if out else None  # noqa: SIM115
         self._tb = self._tensorboard(out)
@@ -92,6 +92,9 @@ class MetricsWriter:
         if "loss" in row:
             self._bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
             self._bar.update(1)
+            if self._bar.disable and (row["step"] % self.log_every == 0 or row["step"] == self.total):
+                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tokens/s", row["step"], self.total,
+                         row["loss"], row["lr"], row["grad_norm"], row["tokens_per_s"])
         if "val_loss" in row:
             self.say(f"step {row['step']}: validation loss {row['val_loss']:.4f}")
 

@@ -190,7 +190,7 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
 def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     cfg = trainer.cfg
     steps, every = cfg.train.steps, cfg.train.eval_every
-    writer = MetricsWriter(opts.out, steps, progress=opts.progress) if lead else None
+    writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every) if lead else None
     ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every,
                         cfg.checkpoint.keep, cfg.checkpoint.async_)
     result = TrainResult(out=str(opts.out) if opts.out else None)
