@@ -64,13 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace, defaults: dict | None = None) -> C.RunConfig:
-    """Defaults of the command, then --config, then --set, then the short flags."""
-    sets = [f"{k}={v}" for k, v in (defaults or {}).items()] + list(args.set)
+    """The command's own defaults, then --config, then --set, then the short flags."""
+    base = C.from_dict(C.parse_overrides([f"{k}={v}" for k, v in (defaults or {}).items()]))
+    sets = list(args.set)
     sets += [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items() if getattr(args, flag) is not None]
-    if args.config:
-        cfg = C.load(args.config)
-        return C.from_dict(C.parse_overrides(sets), cfg)
-    return C.load(None, sets)
+    return C.load(args.config, sets, base)
 
 
 def default_nproc(cfg: C.RunConfig) -> int:

@@ -192,9 +192,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the TOML file (if any), then ``--set`` overrides, in that order."""
-    cfg = RunConfig()
+def load(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: RunConfig | None = None
+) -> RunConfig:
+    """``base`` (default: the defaults), then the TOML file (if any), then ``--set`` overrides."""
+    cfg = base or RunConfig()
     if path:
         p = Path(path)
         if not p.is_file():

@@ -137,3 +137,15 @@ def test_bench_dp_reports_both_sides(corpus_file):
     assert d["baseline"] == "torch DistributedDataParallel"
     assert d["ours_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
     assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
+
+
+def test_config_file_beats_command_defaults_and_set_beats_file(tmp_path):
+    from plait.cli import build_parser, load_config
+
+    f = tmp_path / "v.toml"
+    f.write_text('[train]\ndtype = "float32"\nsteps = 7\n')
+    args = build_parser().parse_args(["verify", "--config", str(f), "--set", "train.steps=9"])
+    cfg = load_config(args, {"train.dtype": "float64", "train.steps": "20"})
+    assert (cfg.train.dtype, cfg.train.steps) == ("float32", 9)
+    args = build_parser().parse_args(["verify", "--config", str(f), "--steps", "11", "--dtype", "bfloat16"])
+    assert load_config(args).train.steps == 11 and load_config(args).train.dtype == "bfloat16"
