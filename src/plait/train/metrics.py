@@ -61,18 +61,16 @@ class ActivationMeter:
 class MetricsWriter:
     """Rank 0's sink: one JSON object a step in metrics.jsonl, TensorBoard scalars, progress bar."""
 
-    def __init__(self, out: Path | None, total_steps: int, progress: bool = True, log_every: int = 10):
+    def __init__(self, out: Path, total_steps: int, progress: bool = True, log_every: int = 10):
         self.out, self.total, self.log_every = out, total_steps, log_every
         self.rows: list[dict] = []
-        self._file = open(out / "metrics.jsonl", "a") if out else None  # noqa: SIM115
+        self._file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
         self._tb = self._tensorboard(out)
         self._bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress,
                          mininterval=1.0, dynamic_ncols=True)
 
     @staticmethod
-    def _tensorboard(out: Path | None):
-        if out is None:
-            return None
+    def _tensorboard(out: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard missing: keep training, say so once
@@ -82,9 +80,8 @@ class MetricsWriter:
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
-        if self._file:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
         if self._tb:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -106,7 +103,6 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._bar.close()
-        if self._file:
-            self._file.close()
+        self._file.close()
         if self._tb:
             self._tb.close()

@@ -190,7 +190,7 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
 def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     cfg = trainer.cfg
     steps, every = cfg.train.steps, cfg.train.eval_every
-    writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every) if lead else None
+    writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every) if lead and opts.out else None
     ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every,
                         cfg.checkpoint.keep, cfg.checkpoint.async_)
     result = TrainResult(out=str(opts.out) if opts.out else None)
@@ -209,10 +209,9 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     ckpt.wait()
     if writer:
         writer.close()
-        if opts.out:
-            from ..viz import plot_losses
+        from ..viz import plot_losses
 
-            plot_losses(writer.rows, opts.out / "loss.png")
+        plot_losses(writer.rows, opts.out / "loss.png")
     return result
 
 
