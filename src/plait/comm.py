@@ -71,3 +71,163 @@ def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
         t = t.cuda()
     dist.all_reduce(t, op=op, group=group)
     return float(t.item())
+
+
+# --------------------------------------------------------------------------- tensor-parallel collectives
+# Megatron's conjugate pairs (Shoeybi et al. 2019, §3; Korthikanti et al. 2022, §4.2.2 for the
+# sequence-parallel pair). Each works over one group, in place where autograd allows it, and is the
+# identity on a group of one. Tensors are (batch, seq, features): "seq" is dim 1, "last" is dim -1.
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """All-gather along ``dim`` (rank order), as one contiguous tensor."""
+    n = _size(group)
+    if n == 1:
+        return x
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((n * front.shape[0], *front.shape[1:]))
+    dist.all_gather_single(out, front, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Sum over the group, each rank keeping its 1/n slice along ``dim``."""
+    n = _size(group)
+    if n == 1:
+        return x
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
+    dist.reduce_scatter_single(out, front, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's 1/n slice along ``dim`` (no communication)."""
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _size(group) > 1:
+        all_reduce_(x, group)
+    return x
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.contiguous(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.group, -1), None
+
+
+class _ScatterLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, -1), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group, 1), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, 1), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, group, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group, 1), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's f. forward: identity; backward: all-reduce (sum) over ``group``."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's g. forward: all-reduce (sum) over ``group``; backward: identity."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    """forward: all-gather along the last dim over ``group``; backward: keep this rank's slice."""
+    return _GatherLast.apply(x, group)
+
+
+def scatter_last(x: torch.Tensor, group) -> torch.Tensor:
+    """forward: keep this rank's slice of the last dim (no traffic); backward: all-gather it."""
+    return _ScatterLast.apply(x, group)
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Sequence parallel's entry to a tp region (replaces f).
+    forward: all-gather along seq (dim 1); backward: reduce-scatter along seq."""
+    return _GatherSeq.apply(x, group)
+
+
+def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Sequence parallel's exit from a tp region (replaces g).
+    forward: reduce-scatter along seq (dim 1); backward: all-gather along seq."""
+    return _ReduceScatterSeq.apply(x, group)
+
+
+def scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Enter the sequence-parallel region from a replicated tensor.
+    forward: keep this rank's seq slice (no traffic); backward: all-gather along seq."""
+    return _ScatterSeq.apply(x, group)

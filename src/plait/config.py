@@ -32,7 +32,7 @@ class ModelConfig:
     flavour: str = "gpt2"
     layers: int = 4
     hidden: int = 192
-    heads: int = 6
+    heads: int = 8
     kv_heads: int = 0  # 0: same as heads (no grouped-query attention)
     ffn_hidden: int = 0  # 0: 4*hidden for gpt2, SwiGLU's 8/3*hidden rounded to 32 for llama
     vocab: int = 256
@@ -267,6 +267,7 @@ def validate(cfg: RunConfig, nproc: int) -> None:
     """Check every rule once; raise ConfigError naming the first broken one."""
     _validate_model(cfg.model)
     _validate_parallel(cfg.parallel, nproc)
+    _validate_tensor_parallel(cfg.model, cfg.parallel)
     _validate_train(cfg.train, cfg.parallel)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
@@ -307,10 +308,19 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
             "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
             f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
         )
-    _not_yet("parallel.tp", p.tp, p.tp > 1, "tensor parallel")
     _not_yet("parallel.pp", p.pp, p.pp > 1, "pipeline parallel")
     _not_yet("parallel.zero", p.zero, p.zero > 0, "ZeRO sharding")
-    _not_yet("parallel.sequence_parallel", p.sequence_parallel, p.sequence_parallel, "sequence parallel")
+
+
+def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """Every split dimension must divide by tp (the vocabulary is padded instead)."""
+    for key in ("hidden", "ffn_hidden", "heads", "kv_heads"):
+        value = getattr(m, key)
+        if value % p.tp:
+            raise ConfigError(f"model.{key}", value, f"must be divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError("model.seq_len", m.seq_len,
+                          f"must be divisible by parallel.tp={p.tp} under sequence parallel")
 
 
 def _not_yet(name: str, value: object, used: bool, what: str) -> None:

@@ -153,15 +153,22 @@ def num_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last seq_len tokens."""
+def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 40,
+             generator: torch.Generator | None = None, forward=None, pad_to: int = 1) -> torch.Tensor:
+    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last seq_len tokens.
+
+    ``forward`` (default: ``model``) maps tokens (1, S) to logits (1, S, V); a parallel model passes
+    one that gathers the vocabulary. With ``pad_to`` > 1 the context is right-padded to a multiple
+    of it (causal attention: padding after the last token changes nothing before it).
+    """
+    forward = forward or model
     was_training = model.training
     model.eval()
     out = prompt.clone()
     for _ in range(new_tokens):
-        ctx = out[-model.cfg.seq_len:].unsqueeze(0)
-        logits = model(ctx)[0, -1].float() / temperature
+        ctx = out[-model.cfg.seq_len:]
+        n = len(ctx)
+        logits = forward(F.pad(ctx, (0, -n % pad_to)).unsqueeze(0))[0, n - 1].float() / temperature
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator)

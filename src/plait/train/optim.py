@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import TrainConfig
@@ -33,16 +34,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], max_norm: float,
+                   group=None) -> float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm.
 
-    Each parameter is counted once. Under data parallel the gradients are already averaged and
-    identical on every dp rank, so the local norm is the global one.
+    ``sharded`` parameters are split over ``group`` (tensor parallel): their squared norms are
+    summed over it (one all-reduce of one number). ``replicated`` ones hold the same gradient on
+    every rank of the group and are counted once. Under data parallel gradients are already
+    averaged, so no dp traffic is needed.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    grads_s = [p.grad for p in sharded if p.grad is not None]
+    grads_r = [p.grad for p in replicated if p.grad is not None]
+    if not grads_s and not grads_r:
         return 0.0
-    total = torch.nn.utils.get_total_norm(grads)
+    device = (grads_s + grads_r)[0].device
+    sq = _squared_norm(grads_s, device)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sq, group=group)
+    total = (sq + _squared_norm(grads_r, device)).sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        torch._foreach_mul_(grads_s + grads_r, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return float(total)
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.nn.utils.get_total_norm(grads).double().square()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import comm
 from ..config import RunConfig, to_toml
@@ -27,7 +26,7 @@ from ..topology import Topology, build_groups, setup_logging
 from .checkpoint import Checkpointer
 from .data import Corpus, Sampler, load_corpus, val_batches
 from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes, tensor_bytes
-from .optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,6 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     if cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """The loss in at least float32 (bf16 logits under autocast), float64 stays float64."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 class Trainer:
@@ -102,8 +96,8 @@ class Trainer:
     def _forward_backward(self, x, y, scale: float, measure: bool) -> torch.Tensor:
         meter = self.meter if measure else contextlib.nullcontext()
         with meter, self._autocast():
-            logits = self.model(x)  # (b, S, V)
-            loss = F.cross_entropy(_upcast(logits).flatten(0, 1), y.flatten())
+            logits = self.model(x)  # (b, S, V), or (b, S, V/tp) under tp
+            loss = self.pm.loss(logits, y)
         (loss * scale).backward()
         return loss.detach()
 
@@ -118,8 +112,8 @@ class Trainer:
             sync = contextlib.nullcontext() if i == len(micro) - 1 else self.pm.grad_sync.no_sync()
             with sync:
                 losses.append(self._forward_backward(x, y, 1.0 / len(micro), measure=step == 0))
-        self.pm.grad_sync.finish()
-        grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.train.grad_clip)
+        self.pm.finish_grads()
+        grad_norm = self.pm.clip_grads(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.pm.grad_sync.zero_grad()
         loss = comm.all_reduce_scalar(float(torch.stack(losses).mean()), self.groups.dp) / self.cfg.parallel.dp
@@ -155,16 +149,12 @@ class Trainer:
         for i in range(0, len(x), t.micro_batch):
             xb, yb = x[i:i + t.micro_batch].to(self.device), y[i:i + t.micro_batch].to(self.device)
             with self._autocast():
-                logits = self.model(xb)
-            total += float(F.cross_entropy(_upcast(logits).flatten(0, 1), yb.flatten(), reduction="sum"))
+                total += float(self.pm.loss(self.model(xb), yb, reduction="sum"))
         self.model.train()
         stats = torch.tensor([total, float(y.numel())], dtype=torch.float64, device=self.device)
         dist.all_reduce(stats, group=self.groups.dp)
         return float(stats[0] / stats[1])
 
-    def full_params(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the whole model by name, on CPU (replicated under dp)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()}
 
 
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
@@ -180,9 +170,9 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
                  cfg.model.flavour, num_params(trainer.model) / 1e6, cfg.parallel.dp, cfg.parallel.tp,
                  cfg.parallel.pp, device.type, cfg.train.steps)
     result = _loop(trainer, opts, lead)
-    if lead and opts.keep_params:
-        result.params = trainer.full_params()
-    if lead and opts.sample_tokens:
+    if opts.keep_params:
+        result.params = trainer.pm.full_params()  # collective over tp
+    if opts.sample_tokens and trainer.coord.dp_rank == 0:  # every tp rank of one replica
         result.sample = _sample(trainer, opts)
     return result if lead else None
 
@@ -225,8 +215,10 @@ def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainRes
 def _sample(trainer: Trainer, opts: RunOptions) -> str:
     prompt = torch.tensor(list(opts.sample_prompt.encode()), dtype=torch.long, device=trainer.device)
     gen = torch.Generator().manual_seed(trainer.cfg.train.seed)
+    sp = trainer.cfg.parallel.sequence_parallel
     with trainer._autocast():
-        out = generate(trainer.model, prompt, opts.sample_tokens, generator=gen)
+        out = generate(trainer.model, prompt, opts.sample_tokens, generator=gen, forward=trainer.pm.full_logits,
+                       pad_to=trainer.cfg.parallel.tp if sp else 1)
     return bytes(t for t in out.tolist() if t < 256).decode("utf-8", errors="replace")
 
 

@@ -1,0 +1,355 @@
+"""Tensor parallel: every weight matrix split across the tp group (Shoeybi et al. 2019, Megatron-LM).
+
+The plain model is turned into its tp form from the outside by :func:`apply_tensor_parallel`,
+following a plan (module-name pattern -> style). Per transformer layer (§3 of the paper):
+
+- attention: wq, wk, wv split by output columns, so each rank owns heads/tp query heads and
+  kv_heads/tp key/value heads; wo split by input rows.
+- MLP: up (and llama's gate) by columns, down by rows.
+- The attention and MLP blocks are tp *regions*: the input enters once through Megatron's f
+  (forward identity, backward all-reduce over tp), and the row-parallel output leaves through g
+  (forward all-reduce, backward identity). One all-reduce each way per block.
+- Embedding and output layer split the vocabulary (padded to a multiple of tp, the padding
+  masked); the loss is computed on vocabulary shards and never materialises full logits.
+
+Sequence parallel (Korthikanti et al. 2022, §4.2.2): between regions, activations are split along
+the sequence, so norms and dropout work on 1/tp of the tokens. f becomes an all-gather along the
+sequence (backward: reduce-scatter), g a reduce-scatter (backward: all-gather). Gradients of
+parameters used on sequence shards (norms, row-parallel biases) are partial sums and are
+all-reduced over tp after backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import comm
+
+PLAN = {
+    "tok_emb": "vocab_embedding",
+    "blocks.*.attn": "region",
+    "blocks.*.attn.w[qkv]": "column",
+    "blocks.*.attn.wo": "row",
+    "blocks.*.mlp": "region",
+    "blocks.*.mlp.gate": "column",
+    "blocks.*.mlp.up": "column",
+    "blocks.*.mlp.down": "row",
+    "lm_head": "vocab_head",
+}
+
+
+def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Into a tp region: f, or the sequence all-gather under sequence parallel."""
+    return comm.gather_seq(x, group) if sequence_parallel else comm.copy_to_tp(x, group)
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
+    return t.chunk(tp, dim=dim)[rank].detach().clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y[..., out/tp] = x W_r^T + b_r``: this rank's slice of the output features.
+
+    forward: no traffic when inside a region (``entry=False``); as a standalone layer
+    (``entry=True``) f or, under sequence parallel, an all-gather along seq over tp.
+    backward: the matching all-reduce (or reduce-scatter) of the input gradient over tp.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, entry: bool = False,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group, self.entry, self.sequence_parallel = group, entry, sequence_parallel
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group, **kw) -> ColumnParallelLinear:
+        r, tp = dist.get_rank(group), dist.get_world_size(group)
+        bias = _shard(lin.bias, 0, r, tp) if lin.bias is not None else None
+        return cls(_shard(lin.weight, 0, r, tp), bias, group, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.entry:
+            x = _enter(x, self.group, self.sequence_parallel)  # (B, S, H), full sequence
+        return F.linear(x, self.weight, self.bias)  # (B, S, out/tp)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = sum_r x_r W_r^T + b`` over the tp ranks, each holding a slice of the input features.
+
+    forward: g, the all-reduce over tp (under sequence parallel a reduce-scatter along seq);
+    the replicated bias is added after the reduction. backward: identity (or all-gather along seq).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group, **kw) -> RowParallelLinear:
+        r, tp = dist.get_rank(group), dist.get_world_size(group)
+        bias = lin.bias.detach().clone() if lin.bias is not None else None
+        return cls(_shard(lin.weight, 1, r, tp), bias, group, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (B, S, H), a partial sum
+        if self.sequence_parallel:
+            y = comm.reduce_scatter_seq(y, self.group)  # (B, S/tp, H)
+        else:
+            y = comm.reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+def _padded_rows(weight: torch.Tensor, padded: int) -> torch.Tensor:
+    """The (vocab, H) matrix with zero rows appended up to ``padded`` rows."""
+    extra = padded - weight.shape[0]
+    return torch.cat([weight.detach(), weight.new_zeros(extra, weight.shape[1])]) if extra else weight.detach()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary, padded to a multiple of tp) are split over tp.
+
+    forward: each rank looks up the tokens in its range (zeros elsewhere), then g: all-reduce over
+    tp. backward: identity; each rank's gradient lands in its own rows only.
+    """
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.vocab_start, self.group = vocab_start, group
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group, padded_vocab: int) -> VocabParallelEmbedding:
+        r, tp = dist.get_rank(group), dist.get_world_size(group)
+        full = _padded_rows(emb.weight, padded_vocab)
+        return cls(_shard(full, 0, r, tp), r * padded_vocab // tp, group)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, S, H)
+        x = x.masked_fill(outside.unsqueeze(-1), 0.0)
+        return comm.reduce_from_tp(x, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary (Megatron §3, "parallel output layer").
+
+    forward: all-reduce (max) of the row maxima, then one all-reduce (sum) of [sum of exp, target
+    logit] over tp; backward: no traffic, softmax minus one-hot on the local shard.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, vocab, group):
+        n_local = logits.shape[-1]
+        valid = min(max(vocab - vocab_start, 0), n_local)  # real (unpadded) columns on this rank
+        logits = logits.clone()
+        if valid < n_local:
+            logits[:, valid:] = float("-inf")
+        gmax = logits.max(dim=-1).values
+        comm.all_reduce_(gmax, group, op=dist.ReduceOp.MAX)
+        logits.sub_(gmax.unsqueeze(-1))
+        local_t = target - vocab_start
+        mine = (local_t >= 0) & (local_t < n_local)
+        local_t = local_t.masked_fill(~mine, 0)
+        picked = logits.gather(1, local_t.unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
+        probs = logits.exp_()  # (N, V/tp), in place: the only (N, V/tp) buffer kept
+        stats = torch.stack([probs.sum(dim=-1), picked])  # (2, N)
+        comm.all_reduce_(stats, group)
+        probs.div_(stats[0].unsqueeze(-1))
+        ctx.save_for_backward(probs, local_t, mine)
+        return stats[0].log() - stats[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, local_t, mine = ctx.saved_tensors
+        g = probs.clone()
+        g[torch.arange(len(g), device=g.device), local_t] -= mine.to(g.dtype)
+        return g.mul_(grad.unsqueeze(-1)), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab: int,
+                                 group) -> torch.Tensor:
+    """Per-token loss (N,) from this rank's logits (N, V/tp) and the targets (N,)."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return _VocabParallelCE.apply(logits, target, vocab_start, vocab, group)
+
+
+class RNGTracker:
+    """A second random stream for work that must differ across tp ranks (Megatron's tracked RNG).
+
+    Dropout on replicated activations uses the default stream, seeded alike on every tp rank, so
+    its masks agree; dropout inside a region (attention probabilities, on this rank's heads) and on
+    sequence shards runs inside ``fork()``, whose stream is seeded per tp rank.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self.state = self._get()
+
+    def _get(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    @contextlib.contextmanager
+    def fork(self):
+        outer = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(outer)
+
+    def wrap(self, module: nn.Module) -> None:
+        """Run ``module``'s forward on the tracked stream."""
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            with self.fork():
+                return inner(*args, **kwargs)
+
+        module.forward = forward
+
+
+@dataclass
+class TensorParallel:
+    """What apply_tensor_parallel did, and the tp-aware pieces the trainer needs."""
+
+    group: object
+    tp: int
+    sequence_parallel: bool
+    vocab: int
+    vocab_start: int
+    sharded: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (dim, full size)
+    sp_replicated: list[nn.Parameter] = field(default_factory=list)  # partial grads under sp
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.flatten(), self.vocab_start,
+                                              self.vocab, self.group)
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    def finish_grads(self) -> None:
+        """Sum over tp the partial gradients of replicated parameters used on sequence shards."""
+        grads = [p.grad for p in self.sp_replicated if p.grad is not None]
+        if not grads or self.tp == 1:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        comm.all_reduce_(flat, self.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def full_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter unsharded (padding stripped), on CPU. Collective over tp."""
+        out = {}
+        for name, p in model.named_parameters():
+            t = p.detach()
+            if name in self.sharded:
+                dim, size = self.sharded[name]
+                t = comm._gather(t, self.group, dim).narrow(dim, 0, size)
+            out[name] = t.cpu().clone()
+        return out
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(…, V/tp) on each rank -> (…, V) on every rank (for sampling, not for training)."""
+        return comm.gather_last(logits, self.group)[..., : self.vocab]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+def _style(name: str, plan: dict[str, str]) -> str | None:
+    return next((style for pattern, style in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False, seed: int = 0,
+                          plan: dict[str, str] | None = None) -> TensorParallel:
+    """Replace the modules named by ``plan`` with their tp form, in place, copying weight slices.
+
+    Every rank must hold the same full model (same seed). Tied embeddings stay tied: the output
+    layer and the embedding share the same vocabulary shard.
+    """
+    plan = PLAN if plan is None else plan
+    tp = dist.get_world_size(group)
+    vocab = model.tok_emb.num_embeddings
+    padded = -(-vocab // tp) * tp
+    info = TensorParallel(group, tp, sequence_parallel, vocab, dist.get_rank(group) * padded // tp)
+    tied = model.lm_head.weight is model.tok_emb.weight
+    for name, module in list(model.named_modules()):
+        style = _style(name, plan)
+        if style is not None:
+            _apply_style(model, name, module, style, info, padded)
+    if tied:
+        model.lm_head.weight = model.tok_emb.weight
+    if sequence_parallel:
+        model.blocks[0].register_forward_pre_hook(lambda _m, args: (comm.scatter_seq(args[0], group), *args[1:]))
+        info.sp_replicated = [p for n, p in model.named_parameters()
+                              if n not in info.sharded and n.startswith(("blocks.", "norm."))]
+    _track_dropout(model, info, seed)
+    return info
+
+
+def _apply_style(model: nn.Module, name: str, module: nn.Module, style: str, info: TensorParallel,
+                 padded: int) -> None:
+    g, sp = info.group, info.sequence_parallel
+    if style == "region":  # f (or the seq all-gather) once at the input of attention / MLP
+        module.register_forward_pre_hook(lambda _m, args: (_enter(args[0], g, sp), *args[1:]))
+        return
+    if style == "column":
+        new = ColumnParallelLinear.from_linear(module, g)
+        info.sharded[f"{name}.weight"] = (0, module.out_features)
+        if module.bias is not None:
+            info.sharded[f"{name}.bias"] = (0, module.out_features)
+    elif style == "row":
+        new = RowParallelLinear.from_linear(module, g, sequence_parallel=sp)
+        info.sharded[f"{name}.weight"] = (1, module.in_features)
+    elif style == "vocab_embedding":
+        new = VocabParallelEmbedding.from_embedding(module, g, padded)
+        info.sharded[f"{name}.weight"] = (0, info.vocab)
+    elif style == "vocab_head":
+        weight = _padded_rows(module.weight, padded)
+        new = ColumnParallelLinear(_shard(weight, 0, dist.get_rank(g), info.tp), None, g, entry=True,
+                                   sequence_parallel=sp)
+        info.sharded[f"{name}.weight"] = (0, info.vocab)
+    else:
+        raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
+    parent, child = _parent(model, name)
+    setattr(parent, child, new)
+
+
+def _track_dropout(model: nn.Module, info: TensorParallel, seed: int) -> None:
+    """Attention dropout (per-rank heads) and, under sp, residual dropout (per-rank tokens) must
+    differ across tp ranks: run them on the tracked stream. Skipped when dropout is off."""
+    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) and not _attn_dropout(model):
+        return
+    device = next(model.parameters()).device
+    tracker = RNGTracker(seed + 2718 + dist.get_rank(info.group), device)
+    for block in model.blocks:
+        tracker.wrap(block.attn)
+        if info.sequence_parallel:
+            tracker.wrap(block.drop)
+
+
+def _attn_dropout(model: nn.Module) -> bool:
+    return any(getattr(b.attn, "dropout", 0) > 0 for b in model.blocks)
