@@ -1,100 +1,200 @@
 """Side-by-side benchmarks against PyTorch's own counterparts, in the same run.
 
-``bench_dp``: plait's bucketed data parallel against ``DistributedDataParallel`` on the same
-model (same seed), the same batches and the same processes, one thread each. The two take turns
-step by step (ours, then DDP, then ours...) so that drifts in machine load hit both alike; we
-report the median of the measured steps after a warm-up.
+Each benchmark builds plait's component and PyTorch's twin on the same model (same seed), the
+same batches and the same processes, one thread each. The two take turns step by step (ours,
+then torch's, then ours...) so that drifts in machine load hit both alike; we report the median
+of the measured steps after a warm-up.
+
+- ``dp``: plait's bucketed data parallel vs ``DistributedDataParallel``.
+- ``tp``: plait's tensor parallel (explicit f/g collectives) vs DTensor's ``parallelize_module``
+  (ColwiseParallel / RowwiseParallel, SequenceParallel when sequence parallel is on, loss_parallel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import comm
 from .config import RunConfig
 from .launch import run_local
 from .models import build_model, num_params
-from .parallel.data import DataParallel
+from .parallel.hybrid import parallelize
 from .topology import Topology, build_groups
 from .train.data import Sampler, load_corpus
 from .train.optim import build_optimizer
 
-# A model where gradient traffic matters: 4.8M parameters, 19 MB of fp32 gradients a step.
-BENCH_DEFAULTS = {
-    "model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
-    "train.global_batch": "16", "train.micro_batch": "8",
-}
+
+@dataclass
+class Contender:
+    """One side of a race: how to run a training step of its model."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable  # (logits, targets) -> scalar loss
+    finish: Callable = lambda: None  # after the last backward (gradient sync)
+    no_sync: Callable = contextlib.nullcontext  # for accumulation micro-steps
+    zero_grad: Callable | None = None
+    around: Callable = contextlib.nullcontext  # context for forward and backward (loss_parallel)
 
 
-def _step(model, sync, opt, micro, no_sync) -> float:
-    """One timed optimizer step; ``sync()`` waits for the gradient all-reduce (ours only)."""
+def _timed_step(c: Contender, micro: list) -> float:
     dist.barrier()
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(micro):
-        ctx = no_sync() if i < len(micro) - 1 else _Null()
-        with ctx:
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) / len(micro)
-            loss.backward()
-    sync()
-    opt.step()
+        with c.no_sync() if i < len(micro) - 1 else contextlib.nullcontext(), c.around():
+            (c.loss(c.model(x), y) / len(micro)).backward()
+    c.finish()
+    c.optimizer.step()
+    (c.zero_grad or c.optimizer.zero_grad)()  # torch's side: its default, set_to_none=True
     return time.perf_counter() - t0
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _bench_dp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
-    groups = build_groups(Topology(dp=cfg.parallel.dp), "cpu" if not torch.cuda.is_available() else "cuda")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
-    sampler = Sampler(corpus.train, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed,
-                      groups.coord.dp_rank, cfg.parallel.dp)
-    torch.manual_seed(cfg.train.seed)
-    ours_model = build_model(cfg.model).to(device)
-    torch.manual_seed(cfg.train.seed)
-    ddp_model = DDP(build_model(cfg.model).to(device), process_group=groups.dp, gradient_as_bucket_view=True)
-    ours = DataParallel(ours_model, groups.dp)
-    ours_opt, ddp_opt = build_optimizer(ours_model, cfg.train), build_optimizer(ddp_model, cfg.train)
+def _race(cfg: RunConfig, sampler: Sampler, device, ours: Contender, theirs: Contender,
+          iters: int, warmup: int) -> dict[str, list[float]]:
     times = {"ours": [], "torch": []}
+    mb = cfg.train.micro_batch
     for it in range(warmup + iters):
         x, y = sampler.batch(it)
-        mb = cfg.train.micro_batch
         micro = [(x[i:i + mb].to(device), y[i:i + mb].to(device)) for i in range(0, len(x), mb)]
-        t_ours = _step(ours_model, ours.finish, ours_opt, micro, ours.no_sync)
-        ours.zero_grad()
-        t_ddp = _step(ddp_model, lambda: None, ddp_opt, micro, ddp_model.no_sync)
-        ddp_opt.zero_grad(set_to_none=False)
+        t_ours, t_torch = _timed_step(ours, micro), _timed_step(theirs, micro)
         if it >= warmup:
             times["ours"].append(t_ours)
-            times["torch"].append(t_ddp)
+            times["torch"].append(t_torch)
+    return times
+
+
+def _summary(cfg: RunConfig, times: dict, baseline: str, params: int) -> dict | None:
     if dist.get_rank() != 0:
         return None
     tokens = cfg.train.global_batch * cfg.model.seq_len
-    ours_tps, torch_tps = tokens / statistics.median(times["ours"]), tokens / statistics.median(times["torch"])
+    ours, theirs = tokens / statistics.median(times["ours"]), tokens / statistics.median(times["torch"])
+    p = cfg.parallel
     return {
-        "ours_tokens_per_s": round(ours_tps, 1), "torch_tokens_per_s": round(torch_tps, 1),
-        "ratio": round(ours_tps / torch_tps, 4), "baseline": "torch DistributedDataParallel",
-        "dp": cfg.parallel.dp, "params": num_params(ours_model), "steps_measured": iters,
+        "ours_tokens_per_s": round(ours, 1), "torch_tokens_per_s": round(theirs, 1),
+        "ratio": round(ours / theirs, 4), "baseline": baseline,
+        "layout": f"dp={p.dp},tp={p.tp},pp={p.pp}" + (",sequence_parallel=true" if p.sequence_parallel else ""),
+        "flavour": cfg.model.flavour, "params": params, "steps_measured": len(times["ours"]),
         "ours_step_s": [round(t, 4) for t in times["ours"]], "torch_step_s": [round(t, 4) for t in times["torch"]],
     }
 
 
-def bench_dp(cfg: RunConfig, nproc: int, iters: int = 8, warmup: int = 3) -> dict:
+def _setup(cfg: RunConfig):
+    device = comm.pick_device()
+    groups = build_groups(Topology(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp), device.type)
+    corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
+    sampler = Sampler(corpus.train, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed,
+                      groups.coord.dp_rank, cfg.parallel.dp)
+    return device, groups, sampler
+
+
+def _fresh_model(cfg: RunConfig, device) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model).to(device)
+
+
+def _plait(cfg: RunConfig, groups, device) -> Contender:
+    pm = parallelize(_fresh_model(cfg, device), groups, cfg)
+    return Contender(pm.module, build_optimizer(pm.module.parameters(), cfg.train), pm.loss, pm.finish_grads,
+                     pm.grad_sync.no_sync, pm.grad_sync.zero_grad)
+
+
+def _ce(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def _dp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
+    device, groups, sampler = _setup(cfg)
+    ours = _plait(cfg, groups, device)
+    ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
+    theirs = Contender(ddp, build_optimizer(ddp.parameters(), cfg.train), _ce, no_sync=ddp.no_sync)
+    times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
+    return _summary(cfg, times, "torch DistributedDataParallel", num_params(ours.model))  # dp: whole model
+
+
+def dtensor_plan(sequence_parallel: bool) -> dict:
+    """torchtitan's tensor-parallel plan for this model (llama flavour: no learned positions)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    sp = sequence_parallel
+    seq = Shard(1) if sp else Replicate()
+    plan = {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+        "blocks.*.attn.wq": ColwiseParallel(), "blocks.*.attn.wk": ColwiseParallel(),
+        "blocks.*.attn.wv": ColwiseParallel(), "blocks.*.attn.wo": RowwiseParallel(output_layouts=seq),
+        "blocks.*.mlp.gate": ColwiseParallel(), "blocks.*.mlp.up": ColwiseParallel(),
+        "blocks.*.mlp.down": RowwiseParallel(output_layouts=seq),
+    }
+    if sp:
+        prepare = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan.update({"norm": SequenceParallel(), "blocks.*.attn_norm": SequenceParallel(),
+                     "blocks.*.mlp_norm": SequenceParallel(), "blocks.*.attn": prepare, "blocks.*.mlp": prepare})
+    return plan
+
+
+class _Split:
+    """AdamW for DTensor parameters and AdamW for plain ones: foreach kernels cannot mix them
+    (without sequence parallel the norms stay plain tensors)."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters())
+        parts = [[p for p in params if isinstance(p, DTensor) == want] for want in (True, False)]
+        self.optimizers = [build_optimizer(part, cfg.train) for part in parts if part]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+
+    device, groups, sampler = _setup(cfg)
+    ours = _plait(cfg, groups, device)
+    plan = dtensor_plan(cfg.parallel.sequence_parallel)
+    model = parallelize_module(_fresh_model(cfg, device), groups.mesh["tp"], plan)
+    theirs = Contender(model, _Split(model, cfg), _ce, around=loss_parallel)
+    times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
+    return _summary(cfg, times, "torch DTensor tensor parallel", num_params(build_model(cfg.model)))
+
+
+BENCHES = {
+    # A model where gradient traffic matters: 4.8M parameters, 19 MB of fp32 gradients a step.
+    "dp": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
+            "train.global_batch": "16", "train.micro_batch": "8"}, _dp_worker),
+    # 10.8M parameters; activations of 8 x 128 tokens cross the tp group twice a layer each way.
+    "tp": ({"model.flavour": "llama", "model.layers": "6", "model.hidden": "384", "model.heads": "6",
+            "model.seq_len": "128", "train.global_batch": "8", "train.micro_batch": "8",
+            "parallel.tp": "2"}, _tp_worker),
+}
+
+
+def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int = 8, warmup: int = 3) -> dict:
+    """Run benchmark ``what`` on ``nproc`` local processes; the result row of rank 0."""
     load_corpus(cfg.data, cfg.model.seq_len)
-    return run_local(_bench_dp_worker, nproc, (cfg, max(iters, 5), warmup), timeout_s=1800)[0]
+    worker = BENCHES[what][1]
+    return run_local(worker, nproc, (cfg, max(iters, 5), warmup), timeout_s=1800)[0]
 
 
 def format_result(r: dict) -> str:
-    return (f"plait dp: {r['ours_tokens_per_s']:.0f} tokens/s   {r['baseline']}: {r['torch_tokens_per_s']:.0f} "
-            f"tokens/s   ratio {r['ratio']:.3f}  (dp={r['dp']}, {r['params'] / 1e6:.1f}M params, "
+    return (f"plait: {r['ours_tokens_per_s']:.0f} tokens/s   {r['baseline']}: {r['torch_tokens_per_s']:.0f} "
+            f"tokens/s   ratio {r['ratio']:.3f}  ({r['layout']}, {r['flavour']}, {r['params'] / 1e6:.1f}M params, "
             f"median of {r['steps_measured']} steps)")
+

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tol", type=float, help="tolerance (default: 1e-9 in float64, 1e-4 otherwise)")
     verify.add_argument("--json", action="store_true", help="print a JSON list")
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
-    bench.add_argument("what", choices=["dp"], help="dp: plait's data parallel vs torch DDP")
+    bench.add_argument("what", choices=["dp", "tp"],
+                       help="dp: plait's data parallel vs torch DDP; tp: plait's tensor parallel vs DTensor")
     _config_args(bench)
     bench.add_argument("--iters", type=int, default=8, help="measured steps (median reported)")
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
@@ -158,12 +159,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BENCH_DEFAULTS, bench_dp, format_result
+    from .bench import BENCHES, format_result, run_bench
 
-    cfg = load_config(args, BENCH_DEFAULTS)
+    cfg = load_config(args, BENCHES[args.what][0])
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
-    result = bench_dp(cfg, nproc, iters=args.iters, warmup=args.warmup)
+    result = run_bench(args.what, cfg, nproc, iters=args.iters, warmup=args.warmup)
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 

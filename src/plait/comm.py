@@ -84,25 +84,29 @@ def _size(group) -> int:
 
 
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather along ``dim`` (rank order), as one contiguous tensor."""
+    """All-gather along ``dim`` (rank order). One copy: the ranks' slices arrive stacked in front
+    and are interleaved into place by the final reshape."""
     n = _size(group)
     if n == 1:
         return x
-    front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((n * front.shape[0], *front.shape[1:]))
-    dist.all_gather_single(out, front, group=group)
-    return out.movedim(0, dim).contiguous()
+    dim = dim % x.dim()
+    x = x.contiguous()
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))  # the concatenated form gloo accepts
+    dist.all_gather_single(out, x, group=group)
+    return out.view(n, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
 
 def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """Sum over the group, each rank keeping its 1/n slice along ``dim``."""
+    """Sum over the group, each rank keeping its 1/n slice along ``dim``. One copy: the slices are
+    stacked in front so that the result lands contiguous."""
     n = _size(group)
     if n == 1:
         return x
-    front = x.movedim(dim, 0).contiguous()
-    out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
-    dist.reduce_scatter_single(out, front, group=group)
-    return out.movedim(0, dim).contiguous()
+    dim = dim % x.dim()
+    stacked = x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()
+    out = stacked.new_empty(stacked.shape[1:])
+    dist.reduce_scatter_single(out, stacked.flatten(0, 1), group=group)
+    return out
 
 
 def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -126,8 +130,8 @@ class _CopyToTP(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.contiguous(), ctx.group), None
+    def backward(ctx, grad):  # a copy: the incoming gradient may be shared, e.g. the caller's own
+        return _all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -201,7 +205,10 @@ def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    """Megatron's g. forward: all-reduce (sum) over ``group``; backward: identity."""
+    """Megatron's g. forward: all-reduce (sum) over ``group``; backward: identity.
+
+    The sum is written into ``x`` when it is contiguous (no copy): pass a fresh partial result,
+    such as a layer's output, not a tensor needed again."""
     return _ReduceFromTP.apply(x, group)
 
 

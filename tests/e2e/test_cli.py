@@ -52,6 +52,11 @@ BAD = [
     (["--config", "/nonexistent.toml"], "--config"),
     (["--nproc", "0"], "--nproc"),
     (["--bogus-flag"], "unrecognized arguments"),
+    (["--tp", "2", "--set", "model.heads=3", "--set", "model.hidden=96"], "model.heads"),
+    (["--tp", "2", "--set", "model.kv_heads=1", "--set", "model.flavour=llama"], "model.kv_heads"),
+    (["--tp", "2", "--set", "model.hidden=63", "--set", "model.heads=3"], "model.hidden"),
+    (["--tp", "2", "--set", "model.ffn_hidden=99"], "model.ffn_hidden"),
+    (["--tp", "2", "--set", "parallel.sequence_parallel=true", "--set", "model.seq_len=99"], "model.seq_len"),
 ]
 
 
@@ -149,3 +154,27 @@ def test_config_file_beats_command_defaults_and_set_beats_file(tmp_path):
     assert (cfg.train.dtype, cfg.train.steps) == ("float32", 9)
     args = build_parser().parse_args(["verify", "--config", str(f), "--steps", "11", "--dtype", "bfloat16"])
     assert load_config(args).train.steps == 11 and load_config(args).train.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("layout, nproc", [(["--tp", "2"], 2), (["--tp", "2", "--dp", "2"], 4),
+                                           (["--tp", "2", "--set", "parallel.sequence_parallel=true"], 2)])
+def test_tensor_parallel_layouts_train_end_to_end(corpus_file, tmp_path, layout, nproc):
+    out = tmp_path / "run"
+    r = plait("train", *tiny_args(corpus_file), *layout, "--nproc", str(nproc), "--out", str(out), "--steps", "4",
+              "--set", "train.eval_every=2", "--sample", "10", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "val_loss" in row] == [0, 2, 4]
+    assert "--- sample ---" in r.stdout
+
+
+def test_parameter_bytes_per_rank_shrink_with_tp(corpus_file, tmp_path):
+    """The split matrices (all but norms, biases of row layers, positions) drop to 1/tp per rank."""
+    bytes_at = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}"
+        r = plait("train", *tiny_args(corpus_file), "--tp", str(tp), "--nproc", str(tp), "--out", str(out),
+                  "--steps", "1", "--sample", "0", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        bytes_at[tp] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["mem_params_bytes"]
+    assert 0.5 < bytes_at[2] / bytes_at[1] < 0.56  # 1/2 of the split part, plus the small replicated rest

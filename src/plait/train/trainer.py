@@ -45,6 +45,7 @@ class RunOptions:
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     params: dict[str, torch.Tensor] | None = None
     sample: str | None = None
@@ -75,7 +76,7 @@ class Trainer:
         model = build_model(cfg.model).to(device=device, dtype=param_dtype(cfg))
         self.pm = parallelize(model, self.groups, cfg)
         self.model = self.pm.module
-        self.optimizer = build_optimizer(self.model, t)
+        self.optimizer = build_optimizer(self.model.parameters(), t)
         torch.manual_seed(t.seed + 1 + self.coord.dp_rank)  # dropout differs across dp ranks
         self.corpus = corpus
         self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, t.seed, self.coord.dp_rank, p.dp)
@@ -121,8 +122,10 @@ class Trainer:
             self.activation_peak = self.meter.peak
         dt = time.perf_counter() - t0
         tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
-        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens / dt, "step_time_s": dt, "mem_peak_bytes": self.mem_peak_bytes()}
+        mem = self.memory()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else sum(mem.values())
+        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+                "step_time_s": dt, "mem_peak_bytes": peak, **{f"mem_{k}_bytes": v for k, v in mem.items()}}
 
     def memory(self) -> dict[str, int]:
         """Bytes per rank by kind, counted from the tensors themselves."""
@@ -132,11 +135,6 @@ class Trainer:
             "optimizer": optimizer_bytes(self.optimizer),
             "activations": self.activation_peak,
         }
-
-    def mem_peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return sum(self.memory().values())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -190,6 +188,7 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     for step in range(steps):
         row = trainer.step(step)
         result.losses.append(row["loss"])
+        result.grad_norms.append(row["grad_norm"])
         if evaluating and (row["step"] % every == 0 or row["step"] == steps):
             _record_val(trainer, writer, result, row)
         elif writer:
