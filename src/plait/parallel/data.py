@@ -68,7 +68,8 @@ class DataParallel:
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._sync = True
         self._next = 0
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
+        hook = self._on_grad_ready
+        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params] if self.dp > 1 else []
         self._reset()
 
     @staticmethod
