@@ -83,7 +83,7 @@ def _size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def all_gather_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather along ``dim`` (rank order). One copy: the ranks' slices arrive stacked in front
     and are interleaved into place by the final reshape."""
     n = _size(group)
@@ -96,7 +96,7 @@ def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out.view(n, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
 
-def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def reduce_scatter_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Sum over the group, each rank keeping its 1/n slice along ``dim``. One copy: the slices are
     stacked in front so that the result lands contiguous."""
     n = _size(group)
@@ -109,7 +109,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return out
 
 
-def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+def split_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's 1/n slice along ``dim`` (no communication)."""
     n = _size(group)
     if n == 1:
@@ -148,55 +148,55 @@ class _GatherLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather(x, group, -1)
+        return all_gather_dim(x, group, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split(grad, ctx.group, -1), None
+        return split_dim(grad, ctx.group, -1), None
 
 
 class _ScatterLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _split(x, group, -1)
+        return split_dim(x, group, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group, -1), None
+        return all_gather_dim(grad, ctx.group, -1), None
 
 
 class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather(x, group, 1)
+        return all_gather_dim(x, group, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, 1), None
+        return reduce_scatter_dim(grad, ctx.group, 1), None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter(x, group, 1)
+        return reduce_scatter_dim(x, group, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group, 1), None
+        return all_gather_dim(grad, ctx.group, 1), None
 
 
 class _ScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _split(x, group, 1)
+        return split_dim(x, group, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.group, 1), None
+        return all_gather_dim(grad, ctx.group, 1), None
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:

@@ -55,6 +55,10 @@ class ParallelModel:
             return self.tp.full_params(self.module)
         return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
 
+    def checkpoint_shards(self) -> tuple | None:
+        """``(tp_mesh, {name: (dim, size)})`` of the tensor-parallel shards, for checkpoints."""
+        return (self.tp.mesh, self.tp.sharded) if self.tp is not None else None
+
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (for sampling; collective over tp)."""
         logits = self.module(tokens)
@@ -70,4 +74,5 @@ def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelMod
     if p.tp > 1 or p.sequence_parallel:
         seed = cfg.train.seed + 100_003 * (1 + groups.coord.dp_rank)  # dropout streams differ over dp and tp
         tp = apply_tensor_parallel(model, groups.tp, p.sequence_parallel, seed)
+        tp.mesh = groups.mesh["tp"]
     return ParallelModel(module=model, grad_sync=DataParallel(model, groups.dp), tp=tp)

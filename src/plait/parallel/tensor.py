@@ -239,6 +239,7 @@ class TensorParallel:
     vocab: int
     vocab_start: int
     sharded: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (dim, full size)
+    mesh: object = None  # the 1-D tp DeviceMesh, for DTensor views of the shards (checkpoints)
     sp_replicated: list[nn.Parameter] = field(default_factory=list)  # partial grads under sp
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -265,7 +266,7 @@ class TensorParallel:
             t = p.detach()
             if name in self.sharded:
                 dim, size = self.sharded[name]
-                t = comm._gather(t, self.group, dim).narrow(dim, 0, size)
+                t = comm.all_gather_dim(t, self.group, dim).narrow(dim, 0, size)
             out[name] = t.cpu().clone()
         return out
 

@@ -2,6 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step_NNNNNN`` holding the model and optimizer state under
 their fully qualified names, plus the step, so that later layouts can load it (DCP reshards).
+Tensor-parallel shards are saved as DTensor views (``Shard(dim)`` over the tp mesh), so the files
+hold each whole tensor once, not tp different tensors under one name.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ class Checkpointer:
     def due(self, step: int, last: int) -> bool:
         return self.root is not None and (step == last or (self.every > 0 and step % self.every == 0))
 
-    def save(self, step: int, model, optimizer, extra: dict) -> Path:
-        """Collective over the default group: every rank must call it at the same step."""
+    def save(self, step: int, model, optimizer, extra: dict, shards: tuple | None = None) -> Path:
+        """Collective over the default group: every rank must call it at the same step.
+
+        ``shards``: ``(tp_mesh, {name: (dim, size)})`` for tensor-parallel parameters.
+        """
         self.wait()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if shards is not None:
+            model_sd, optim_sd = _as_dtensors(model_sd, optim_sd, *shards)
         state = {"model": model_sd, "optim": optim_sd, "extra": {"step": step, **extra}}
         path = self.root / f"step_{step:06d}"
         if self.async_save:
@@ -51,3 +58,17 @@ class Checkpointer:
         saved = sorted(self.root.glob("step_*"))
         for old in saved[: max(0, len(saved) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_dtensors(model_sd: dict, optim_sd: dict, mesh, sharded: dict) -> tuple[dict, dict]:
+    """Wrap local shards (and their Adam moments) as DTensor views; no data is copied."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    def view(name: str, t):
+        if name not in sharded or not hasattr(t, "dim") or t.dim() == 0:
+            return t
+        return DTensor.from_local(t, mesh, [Shard(sharded[name][0])], run_check=False)
+
+    model_sd = {k: view(k, v) for k, v in model_sd.items()}
+    state = {k: {n: view(k, t) for n, t in s.items()} for k, s in optim_sd["state"].items()}
+    return model_sd, {**optim_sd, "state": state}

@@ -194,7 +194,8 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
         elif writer:
             writer.write(row)
         if ckpt.due(row["step"], steps):
-            ckpt.save(row["step"], trainer.model, trainer.optimizer, {"sampler": trainer.sampler.state_dict()})
+            ckpt.save(row["step"], trainer.model, trainer.optimizer, {"sampler": trainer.sampler.state_dict()},
+                      trainer.pm.checkpoint_shards())
     ckpt.wait()
     if writer:
         writer.close()
