@@ -1,0 +1,144 @@
+"""Run action lists against per-action costs: makespan, idle time, in-flight micro-batches.
+
+The same lists the runtime executes (``schedules.py``). Each rank runs its actions in order; an
+action starts when the rank is free and its inputs have arrived (the previous stage's forward, the
+next stage's input gradient, plus a transfer cost). The validator is this simulation at unit cost
+plus checks that every action appears exactly once where it belongs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .schedules import Action, place, stage_of
+
+
+class ScheduleError(ValueError):
+    """An action list that cannot run: a missing or duplicated action, or a deadlock."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Time of each action. ``b`` is the whole backward; split, I costs ``b - w`` and W costs ``w``."""
+
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    comm: float = 0.0  # per transfer between stages
+
+    def of(self, op: str) -> float:
+        return {"F": self.f, "B": self.b, "I": self.b - self.w, "W": self.w}[op]
+
+
+@dataclass
+class Event:
+    rank: int
+    action: Action
+    stage: int
+    start: float
+    end: float
+
+
+@dataclass
+class Timeline:
+    pp: int
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def makespan(self) -> float:
+        return max((e.end for e in self.events), default=0.0) - min((e.start for e in self.events), default=0.0)
+
+    def busy(self, rank: int) -> float:
+        return sum(e.end - e.start for e in self.events if e.rank == rank)
+
+    def idle(self) -> list[float]:
+        return [self.makespan - self.busy(r) for r in range(self.pp)]
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the step over all ranks: sum(idle) / (pp * makespan)."""
+        span = self.makespan
+        return sum(self.idle()) / (self.pp * span) if span else 0.0
+
+    def peak_inflight(self) -> list[int]:
+        """Per rank, the most micro-batch chunks whose activations are held (forward done,
+        backward, or weight gradient when split, not yet)."""
+        peaks = []
+        for r in range(self.pp):
+            held, peak = 0, 0
+            for e in sorted((e for e in self.events if e.rank == r), key=lambda e: e.start):
+                held += 1 if e.action.op == "F" else -1 if e.action.op in ("B", "W") else 0
+                peak = max(peak, held)
+            peaks.append(peak)
+        return peaks
+
+    def summary(self) -> dict:
+        return {"makespan": self.makespan, "bubble_fraction": self.bubble_fraction,
+                "idle": self.idle(), "peak_inflight": self.peak_inflight()}
+
+
+def _needs(a: Action, stage: int, last: int) -> list[tuple]:
+    """Keys of the results action ``a`` on ``stage`` waits for; keys are (kind, mb, stage)."""
+    if a.op == "F":
+        return [("F", a.mb, stage - 1)] if stage > 0 else []
+    if a.op == "W":
+        return [("G", a.mb, stage)]
+    return [("F", a.mb, stage)] + ([("G", a.mb, stage + 1)] if stage < last else [])
+
+
+def _produces(a: Action) -> str:
+    return {"F": "F", "B": "G", "I": "G", "W": "W"}[a.op]
+
+
+def simulate(actions: list[list[Action]], costs: Costs | None = None) -> Timeline:
+    """List-schedule every rank's actions in their order; raise ScheduleError on a deadlock."""
+    costs = costs or Costs()
+    pp = len(actions)
+    last = pp * (1 + max((a.chunk for acts in actions for a in acts), default=0)) - 1
+    done: dict[tuple, float] = {}
+    pos, free = [0] * pp, [0.0] * pp
+    timeline = Timeline(pp)
+    while any(pos[r] < len(actions[r]) for r in range(pp)):
+        moved = False
+        for r in range(pp):
+            while pos[r] < len(actions[r]):
+                a = actions[r][pos[r]]
+                stage = stage_of(r, a.chunk, pp)
+                needs = _needs(a, stage, last)
+                if any(k not in done for k in needs):
+                    break
+                remote = [done[k] + (costs.comm if k[2] != stage else 0.0) for k in needs]
+                start = max([free[r], *remote])
+                free[r] = start + costs.of(a.op)
+                done[(_produces(a), a.mb, stage)] = free[r]
+                timeline.events.append(Event(r, a, stage, start, free[r]))
+                pos[r] += 1
+                moved = True
+        if not moved:
+            stuck = {r: str(actions[r][pos[r]]) for r in range(pp) if pos[r] < len(actions[r])}
+            raise ScheduleError(f"deadlock: every rank waits (next actions by rank: {stuck})")
+    return timeline
+
+
+def validate(actions: list[list[Action]], microbatches: int, virtual: int = 1) -> None:
+    """Every (micro-batch, stage) has one forward and one backward (B, or I and W) on the rank that
+    owns the stage, every transfer has a sender and a receiver, and the whole cannot deadlock."""
+    pp = len(actions)
+    seen: dict[tuple, int] = {}
+    for r, acts in enumerate(actions):
+        for a in acts:
+            if not (0 <= a.mb < microbatches and 0 <= a.chunk < virtual) or a.op not in "FBIW":
+                raise ScheduleError(f"rank {r}: action {a} outside {microbatches} micro-batches x {virtual} chunks")
+            key = (a.op, a.mb, stage_of(r, a.chunk, pp))
+            seen[key] = seen.get(key, 0) + 1
+    for mb in range(microbatches):
+        for stage in range(pp * virtual):
+            _check_unit(seen, mb, stage, place(stage, pp)[0])
+    simulate(actions)
+
+
+def _check_unit(seen: dict, mb: int, stage: int, rank: int) -> None:
+    f, b, i, w = (seen.get((op, mb, stage), 0) for op in "FBIW")
+    if f != 1 or not ((b == 1 and i == w == 0) or (b == 0 and i == w == 1)):
+        raise ScheduleError(f"micro-batch {mb} on stage {stage} (rank {rank}) needs one F and one B "
+                            f"(or one I and one W); found F={f} B={b} I={i} W={w}")

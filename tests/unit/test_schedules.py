@@ -1,0 +1,74 @@
+"""Pipeline schedules and their simulator against the formulas (REFERENCE.md)."""
+
+import pytest
+
+from plait.parallel.pipeline.schedules import SCHEDULES, Action, get
+from plait.parallel.pipeline.simulate import Costs, ScheduleError, simulate, validate
+
+GRID = [(pp, m) for pp in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb"])
+@pytest.mark.parametrize("pp, m", GRID)
+def test_every_schedule_is_valid(name, pp, m):
+    validate(SCHEDULES[name].actions(pp, m), m)
+
+
+@pytest.mark.parametrize("pp, m, v", [(2, 2, 2), (2, 4, 2), (4, 8, 2), (4, 4, 3), (3, 6, 2), (2, 8, 4)])
+def test_interleaved_is_valid(pp, m, v):
+    validate(SCHEDULES["interleaved"].actions(pp, m, v), m, v)
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (4, 8), (4, 16), (3, 7)])
+def test_1f1b_makespan_is_m_plus_p_minus_1_times_tf_plus_tb(pp, m):
+    t = simulate(SCHEDULES["1f1b"].actions(pp, m), Costs(f=1, b=2))
+    assert t.makespan == (m + pp - 1) * 3
+    assert t.bubble_fraction == pytest.approx((pp - 1) / (m + pp - 1))
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (4, 8), (4, 2), (3, 7)])
+def test_peak_in_flight_first_stage(pp, m):
+    assert simulate(SCHEDULES["1f1b"].actions(pp, m)).peak_inflight()[0] == min(pp, m)
+    assert simulate(SCHEDULES["gpipe"].actions(pp, m)).peak_inflight()[0] == m
+
+
+@pytest.mark.parametrize("pp, m, v", [(4, 8, 2), (4, 8, 4), (2, 8, 2), (4, 16, 2)])
+def test_interleaving_divides_the_bubble_by_v(pp, m, v):
+    plain = simulate(SCHEDULES["1f1b"].actions(pp, m))
+    inter = simulate(SCHEDULES["interleaved"].actions(pp, m, v), Costs(f=1 / v, b=2 / v))
+    idle_plain, idle_inter = plain.idle()[0], inter.idle()[0]
+    assert idle_inter == pytest.approx(idle_plain / v)  # (p-1)(tf+tb)/v of idle per rank
+    assert inter.bubble_fraction < plain.bubble_fraction
+
+
+@pytest.mark.parametrize("pp, m", [(2, 4), (4, 8), (4, 4), (4, 2), (3, 7)])
+def test_zero_bubble_h1_beats_1f1b_at_the_same_memory(pp, m):
+    one = simulate(SCHEDULES["1f1b"].actions(pp, m), Costs(f=1, b=2))
+    zb = simulate(SCHEDULES["zb"].actions(pp, m), Costs(f=1, b=2, w=1))
+    assert zb.bubble_fraction <= one.bubble_fraction
+    assert max(zb.peak_inflight()) <= max(one.peak_inflight())
+    if m >= pp:
+        assert zb.idle()[0] == pytest.approx((pp - 1) * 1.0)  # (p-1)(t_F + t_I - t_W), a third of 1F1B's
+
+
+def test_transfer_cost_lengthens_the_step():
+    free = simulate(SCHEDULES["1f1b"].actions(4, 8)).makespan
+    assert simulate(SCHEDULES["1f1b"].actions(4, 8), Costs(comm=0.5)).makespan > free
+
+
+def test_validator_rejects_missing_duplicate_and_deadlock():
+    good = SCHEDULES["1f1b"].actions(2, 2)
+    with pytest.raises(ScheduleError, match="needs one F and one B"):
+        validate([good[0][:-1], good[1]], 2)
+    with pytest.raises(ScheduleError, match="needs one F and one B"):
+        validate([good[0] + [Action("B", 0)], good[1]], 2)
+    # rank 0 wants the gradient of micro-batch 1 before rank 1 has its forward of micro-batch 0
+    deadlock = [[Action("F", 0), Action("F", 1), Action("B", 1), Action("B", 0)],
+                [Action("B", 0), Action("F", 0), Action("F", 1), Action("B", 1)]]
+    with pytest.raises(ScheduleError, match="deadlock"):
+        validate(deadlock, 2)
+
+
+def test_unknown_schedule_lists_valid_ones():
+    with pytest.raises(ValueError, match="gpipe, 1f1b, interleaved, zb"):
+        get("pipedream")
