@@ -73,6 +73,10 @@ def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
     return float(t.item())
 
 
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
 # --------------------------------------------------------------------------- tensor-parallel collectives
 # Megatron's conjugate pairs (Shoeybi et al. 2019, §3; Korthikanti et al. 2022, §4.2.2 for the
 # sequence-parallel pair). Each works over one group, in place where autograd allows it, and is the

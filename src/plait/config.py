@@ -268,6 +268,7 @@ def validate(cfg: RunConfig, nproc: int) -> None:
     _validate_model(cfg.model)
     _validate_parallel(cfg.parallel, nproc)
     _validate_tensor_parallel(cfg.model, cfg.parallel)
+    _validate_pipeline(cfg)
     _validate_train(cfg.train, cfg.parallel)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
@@ -308,7 +309,6 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
             "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
             f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
         )
-    _not_yet("parallel.pp", p.pp, p.pp > 1, "pipeline parallel")
     _not_yet("parallel.zero", p.zero, p.zero > 0, "ZeRO sharding")
 
 
@@ -321,6 +321,28 @@ def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
     if p.sequence_parallel and m.seq_len % p.tp:
         raise ConfigError("model.seq_len", m.seq_len,
                           f"must be divisible by parallel.tp={p.tp} under sequence parallel")
+
+
+def _validate_pipeline(cfg: RunConfig) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    stages = p.pp * p.virtual_stages
+    if m.layers < stages:
+        raise ConfigError("model.layers", m.layers, f"must be at least pp x virtual_stages = {p.pp} x "
+                          f"{p.virtual_stages} = {stages} (one block per stage)")
+    if p.virtual_stages > 1 and p.schedule != "interleaved":
+        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
+                          f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
+    micro = t.global_batch // (max(p.dp, 1) * t.micro_batch)
+    if p.microbatches and p.microbatches != micro:
+        raise ConfigError("parallel.microbatches", p.microbatches,
+                          f"must equal global_batch / (dp x micro_batch) = {micro} (or 0 for that)")
+    if p.pp > 1 and p.schedule == "interleaved" and micro % p.pp:
+        raise ConfigError("parallel.microbatches", micro, f"the interleaved schedule needs a multiple of pp={p.pp} "
+                          "micro-batches per step (global_batch / (dp x micro_batch))")
+    if p.stage_layers and (len(p.stage_layers) != stages or sum(p.stage_layers) != m.layers
+                           or min(p.stage_layers) < 1):
+        raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),
+                          f"give {stages} positive block counts summing to model.layers={m.layers}")
 
 
 def _not_yet(name: str, value: object, used: bool, what: str) -> None:

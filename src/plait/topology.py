@@ -72,6 +72,7 @@ class Groups:
     pp: object
     dp: object
     tp: object
+    embed: object = None  # first and last pipeline stage of this (dp, tp): tied embeddings (pp > 1)
 
     @property
     def coord(self) -> Coord:
@@ -88,7 +89,21 @@ def build_groups(topology: Topology, device_type: str) -> Groups:
     shape = (topology.pp, topology.dp, topology.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
     groups = {d: mesh.get_group(d) for d in DIMS}
-    return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, **groups)
+    return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, embed=_embed_group(topology), **groups)
+
+
+def _embed_group(topology: Topology):
+    """The group of each pipeline's first and last stage (every rank creates every group)."""
+    if topology.pp == 1:
+        return None
+    import torch.distributed as dist
+
+    mine = None
+    for pipeline in topology.group_ranks("pp"):
+        group = dist.new_group([pipeline[0], pipeline[-1]])
+        if dist.get_rank() in (pipeline[0], pipeline[-1]):
+            mine = group
+    return mine
 
 
 class _RankFormatter(logging.Formatter):

@@ -2,21 +2,26 @@
 
 tensor parallel -> pipeline parallel -> data parallel / ZeRO. Each strand is applied to the
 plain model from the outside; the model file never imports torch.distributed. Training, verify
-and bench all build their parallel model here.
+and bench all build their parallel model here, and the trainer drives a step only through
+``ParallelModel``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import comm
 from ..config import RunConfig
 from ..topology import Groups
 from ..train.optim import clip_grad_norm
 from .data import DataParallel
+from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads
 from .tensor import TensorParallel, apply_tensor_parallel
 
 
@@ -25,8 +30,11 @@ class ParallelModel:
     """The local part of the model and the strand objects that act on it around each step."""
 
     module: nn.Module
+    groups: Groups
     grad_sync: DataParallel
     tp: TensorParallel | None = None
+    pipeline: PipelineParallel | None = None
+    tied: bool = False  # gpt2's embedding split over the first and last pipeline stage
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy per token (mean or sum); vocabulary-parallel under tp."""
@@ -36,43 +44,122 @@ class ParallelModel:
             logits = logits.float()
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction)
 
+    def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; gradients accumulate (scaled 1/len).
+        Returns the mean loss where this rank computes it (every rank, or the last stage), else 0."""
+        ctx = StepContext(micro, self.loss, autocast, self.grad_sync.no_sync, meter)
+        if self.pipeline is not None:
+            return self.pipeline.train_step(ctx)
+        for i, (x, y) in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.grad_sync.no_sync()
+            a = _Key(i)
+            with sync:
+                with ctx.measure(a), autocast():
+                    loss = self.loss(self.module(x), y)
+                (loss / len(micro)).backward()
+            ctx.release(a)
+            ctx.total += loss.detach()
+        return ctx.total / len(micro)
+
+    @torch.no_grad()
+    def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
+        """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss)."""
+        if self.pipeline is not None:
+            outs = self.pipeline.forward_only(StepContext(micro, self.loss, autocast))
+            return sum((self.loss(o, y, "sum") for o, (_, y) in zip(outs, micro)), torch.zeros(()))
+        total = torch.zeros(())
+        for x, y in micro:
+            with autocast():
+                total = total + self.loss(self.module(x), y, reduction="sum").cpu()
+        return total
+
+    def global_loss(self, local: torch.Tensor | float) -> float:
+        """Mean over dp of the loss, which only the last pipeline stage has (one all-reduce each)."""
+        value = float(local)
+        if self.pipeline is not None:
+            value = comm.all_reduce_scalar(value, self.groups.pp)
+        return comm.all_reduce_scalar(value, self.groups.dp) / comm.group_size(self.groups.dp)
+
     def finish_grads(self) -> None:
-        """After the last backward of a step: gradients averaged over dp, sp partial sums over tp."""
+        """After the last backward of a step: mean over dp, sp partial sums over tp, tied copies summed."""
         self.grad_sync.finish()
         if self.tp is not None:
             self.tp.finish_grads()
+        if self.tied:
+            sum_tied_grads(self.module, self.groups.embed)
 
     def clip_grads(self, max_norm: float) -> float:
-        """Global-norm clip; tp-sharded parameters summed over tp, replicated ones counted once."""
+        """Global-norm clip: tp shards summed over tp, stages summed over pp, every weight once."""
         sharded = self.tp.sharded if self.tp is not None else {}
-        params = list(self.module.named_parameters())
+        copy = self.tied and self.module.lm_head is not None  # the last stage's copy of the tied weight
+        params = [(n, p) for n, p in self.module.named_parameters() if not (copy and n == "lm_head.weight")]
+        pp_group = self.groups.pp if self.pipeline is not None else None
+        tp_group = self.tp.group if self.tp is not None else None
         return clip_grad_norm([p for n, p in params if n in sharded], [p for n, p in params if n not in sharded],
-                              max_norm, self.tp.group if self.tp is not None else None)
+                              max_norm, tp_group, pp_group, (self.module.lm_head.weight,) if copy else ())
 
     def full_params(self) -> dict[str, torch.Tensor]:
-        """The whole model's parameters by name, on CPU (collective over tp)."""
+        """The whole model's parameters by name, on CPU (collective over tp and pp)."""
         if self.tp is not None:
-            return self.tp.full_params(self.module)
-        return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
+            params = self.tp.full_params(self.module)
+        else:
+            params = {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
+        if self.pipeline is None:
+            return params
+        parts: list = [None] * comm.group_size(self.groups.pp)
+        dist.all_gather_object(parts, params, group=self.groups.pp)
+        merged = {k: v for part in parts for k, v in part.items()}
+        if self.tied:
+            merged.pop("lm_head.weight", None)  # the reference has one tied weight, tok_emb.weight
+        return merged
+
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary on every rank (for sampling; collective over tp, pp)."""
+        if self.pipeline is not None:
+            logits = self._pipeline_logits(tokens)
+        else:
+            logits = self.module(tokens)
+        return self.tp.full_logits(logits) if self.tp is not None else logits
+
+    def _pipeline_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        outs = self.pipeline.forward_only(StepContext([(tokens, None)], self.loss))
+        last = self.pipeline.stage_rank(self.pipeline.num_stages - 1)
+        shape = (*tokens.shape, self.module_vocab_local())
+        logits = outs[0] if outs else torch.empty(shape, dtype=self.pipeline.dtype, device=tokens.device)
+        dist.broadcast(logits.contiguous(), last, group=self.groups.pp)
+        return logits
+
+    def module_vocab_local(self) -> int:
+        """Columns of the logits on this rank (vocabulary, padded and split under tp)."""
+        return self.tp.padded_vocab // self.tp.tp if self.tp is not None else self.module.cfg.vocab
 
     def checkpoint_shards(self) -> tuple | None:
         """``(tp_mesh, {name: (dim, size)})`` of the tensor-parallel shards, for checkpoints."""
         return (self.tp.mesh, self.tp.sharded) if self.tp is not None else None
 
-    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits over the whole vocabulary (for sampling; collective over tp)."""
-        logits = self.module(tokens)
-        return self.tp.full_logits(logits) if self.tp is not None else logits
+
+@dataclass(frozen=True)
+class _Key:
+    """Activation-meter key of a micro-batch outside the pipeline (same fields as an Action)."""
+
+    mb: int
+    chunk: int = 0
 
 
 def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelModel:
     """Apply the layout of ``cfg.parallel`` to ``model`` (already on its device and dtype)."""
     p = cfg.parallel
-    if p.pp > 1 or p.zero > 0:
-        raise NotImplementedError("pp and zero are validated away until they are built")
-    tp = None
+    if p.zero > 0:
+        raise NotImplementedError("zero is validated away until it is built")
+    tp = pipeline = None
+    tied = model.lm_head.weight is model.tok_emb.weight
     if p.tp > 1 or p.sequence_parallel:
         seed = cfg.train.seed + 100_003 * (1 + groups.coord.dp_rank)  # dropout streams differ over dp and tp
         tp = apply_tensor_parallel(model, groups.tp, p.sequence_parallel, seed)
         tp.mesh = groups.mesh["tp"]
-    return ParallelModel(module=model, grad_sync=DataParallel(model, groups.dp), tp=tp)
+    if p.pp > 1:
+        pipeline = apply_pipeline(model, groups, cfg)
+        if tp is not None:  # forget what now lives on other stages
+            local = {id(q) for q in model.parameters()}
+            tp.sp_replicated = [q for q in tp.sp_replicated if id(q) in local]
+    return ParallelModel(model, groups, DataParallel(model, groups.dp), tp, pipeline, tied and p.pp > 1)

@@ -238,6 +238,7 @@ class TensorParallel:
     sequence_parallel: bool
     vocab: int
     vocab_start: int
+    padded_vocab: int
     sharded: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (dim, full size)
     mesh: object = None  # the 1-D tp DeviceMesh, for DTensor views of the shards (checkpoints)
     sp_replicated: list[nn.Parameter] = field(default_factory=list)  # partial grads under sp
@@ -295,7 +296,7 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     tp = dist.get_world_size(group)
     vocab = model.tok_emb.num_embeddings
     padded = -(-vocab // tp) * tp
-    info = TensorParallel(group, tp, sequence_parallel, vocab, dist.get_rank(group) * padded // tp)
+    info = TensorParallel(group, tp, sequence_parallel, vocab, dist.get_rank(group) * padded // tp, padded)
     tied = model.lm_head.weight is model.tok_emb.weight
     for name, module in list(model.named_modules()):
         style = _style(name, plan)

@@ -7,6 +7,7 @@ On CUDA the allocator's own peak is reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -29,33 +30,35 @@ def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 class ActivationMeter:
     """Counts the bytes autograd saves for backward (activations), parameters excluded.
 
-    Use as a context around forward; ``peak`` is the largest total seen. Each storage is counted
+    ``with meter.forward(key):`` around a forward counts what it saves under ``key``;
+    ``release(key)`` once its backward is done. ``peak`` is the most held at once, so a pipeline
+    schedule with several micro-batches in flight is measured as it runs. Each storage is counted
     once, so a tensor saved by two operations is not counted twice.
     """
 
     def __init__(self, model: nn.Module):
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self._seen: set[int] = set()
-        self.current = 0
+        self._live: dict[object, int] = {}
         self.peak = 0
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
-        if ptr not in self._param_ptrs and ptr not in self._seen:
-            self._seen.add(ptr)
-            self.current += t.untyped_storage().nbytes()
-            self.peak = max(self.peak, self.current)
-        return t
+    @contextlib.contextmanager
+    def forward(self, key):
+        seen: set[int] = set()
+        self._live[key] = 0
 
-    def __enter__(self):
-        self._seen.clear()
-        self.current = 0
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+            if ptr not in self._param_ptrs and ptr not in seen:
+                seen.add(ptr)
+                self._live[key] += t.untyped_storage().nbytes()
+                self.peak = max(self.peak, sum(self._live.values()))
+            return t
 
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
+    def release(self, key) -> None:
+        self._live.pop(key, None)
 
 
 class MetricsWriter:

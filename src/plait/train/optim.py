@@ -37,25 +37,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def clip_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], max_norm: float,
-                   group=None) -> float:
+                   group=None, pp_group=None, copies: tuple[torch.Tensor, ...] = ()) -> float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm.
 
     ``sharded`` parameters are split over ``group`` (tensor parallel): their squared norms are
     summed over it (one all-reduce of one number). ``replicated`` ones hold the same gradient on
-    every rank of the group and are counted once. Under data parallel gradients are already
-    averaged, so no dp traffic is needed.
+    every rank of the group and are counted once. Each pipeline stage holds other parameters: the
+    squared norms are summed over ``pp_group``; a tied weight's second copy goes in ``copies``
+    (scaled, not counted).
+    Under data parallel gradients are already averaged, so no dp traffic is needed.
     """
     grads_s = [p.grad for p in sharded if p.grad is not None]
     grads_r = [p.grad for p in replicated if p.grad is not None]
-    if not grads_s and not grads_r:
-        return 0.0
-    device = (grads_s + grads_r)[0].device
+    device = (grads_s + grads_r)[0].device if grads_s or grads_r else torch.device("cpu")
     sq = _squared_norm(grads_s, device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sq, group=group)
-    total = (sq + _squared_norm(grads_r, device)).sqrt()
+    sq = sq + _squared_norm(grads_r, device)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(sq, group=pp_group)
+    total = sq.sqrt()
     if max_norm > 0:
-        torch._foreach_mul_(grads_s + grads_r, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        grads = grads_s + grads_r + [p.grad for p in copies if p.grad is not None]
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return float(total)
 
 

@@ -89,35 +89,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    def _micro_batches(self, step: int):
-        x, y = self.sampler.batch(step)  # (B/dp, S) each
-        mb = self.cfg.train.micro_batch
+    def _micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list:
+        mb = self.cfg.train.micro_batch  # (B/dp, S) -> [(micro_batch, S)]
         return [(x[i:i + mb].to(self.device), y[i:i + mb].to(self.device)) for i in range(0, len(x), mb)]
-
-    def _forward_backward(self, x, y, scale: float, measure: bool) -> torch.Tensor:
-        meter = self.meter if measure else contextlib.nullcontext()
-        with meter, self._autocast():
-            logits = self.model(x)  # (b, S, V), or (b, S, V/tp) under tp
-            loss = self.pm.loss(logits, y)
-        (loss * scale).backward()
-        return loss.detach()
 
     def step(self, step: int) -> dict:
         """One optimizer step; returns the metrics row (loss averaged over dp)."""
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg.train)
         set_lr(self.optimizer, lr)
-        micro = self._micro_batches(step)
-        losses = []
-        for i, (x, y) in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.pm.grad_sync.no_sync()
-            with sync:
-                losses.append(self._forward_backward(x, y, 1.0 / len(micro), measure=step == 0))
+        micro = self._micro_batches(*self.sampler.batch(step))
+        local = self.pm.forward_backward(micro, self._autocast, self.meter if step == 0 else None)
         self.pm.finish_grads()
         grad_norm = self.pm.clip_grads(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.pm.grad_sync.zero_grad()
-        loss = comm.all_reduce_scalar(float(torch.stack(losses).mean()), self.groups.dp) / self.cfg.parallel.dp
+        loss = self.pm.global_loss(local)
         if step == 0:
             self.activation_peak = self.meter.peak
         dt = time.perf_counter() - t0
@@ -143,15 +130,11 @@ class Trainer:
         x, y = val_batches(self.corpus.val, self.cfg.model.seq_len, t.eval_batches * t.global_batch,
                            self.coord.dp_rank, p.dp)
         self.model.eval()
-        total = 0.0
-        for i in range(0, len(x), t.micro_batch):
-            xb, yb = x[i:i + t.micro_batch].to(self.device), y[i:i + t.micro_batch].to(self.device)
-            with self._autocast():
-                total += float(self.pm.loss(self.model(xb), yb, reduction="sum"))
+        total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
-        stats = torch.tensor([total, float(y.numel())], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats, group=self.groups.dp)
-        return float(stats[0] / stats[1])
+        if self.pm.pipeline is not None:  # only the last stage has the loss
+            total = comm.all_reduce_scalar(total, self.groups.pp)
+        return comm.all_reduce_scalar(total, self.groups.dp) / comm.all_reduce_scalar(y.numel(), self.groups.dp)
 
 
 
@@ -215,10 +198,11 @@ def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainRes
 def _sample(trainer: Trainer, opts: RunOptions) -> str:
     prompt = torch.tensor(list(opts.sample_prompt.encode()), dtype=torch.long, device=trainer.device)
     gen = torch.Generator().manual_seed(trainer.cfg.train.seed)
-    sp = trainer.cfg.parallel.sequence_parallel
+    p = trainer.cfg.parallel
+    pad_to = trainer.cfg.model.seq_len if p.pp > 1 else p.tp if p.sequence_parallel else 1
     with trainer._autocast():
         out = generate(trainer.model, prompt, opts.sample_tokens, generator=gen, forward=trainer.pm.full_logits,
-                       pad_to=trainer.cfg.parallel.tp if sp else 1)
+                       pad_to=pad_to)
     return bytes(t for t in out.tolist() if t < 256).decode("utf-8", errors="replace")
 
 

@@ -1,0 +1,188 @@
+"""One interpreter for every schedule: it executes a rank's action list with point-to-point transfers.
+
+Per action on global stage s (this rank's chunk c, s = c * pp + pp_rank):
+
+- F: receive the activation of stage s-1 (unless s = 0), run the chunk, send the output to stage
+  s+1, or on the last stage compute the micro-batch's loss.
+- B: receive the output gradient from stage s+1 (unless last), back-propagate, send the input
+  gradient to stage s-1.
+- I / W (zero bubble): I back-propagates to the input only (``autograd.grad``, graph kept) and sends
+  the input gradient; W later back-propagates to the parameters (``inputs=`` the chunk's
+  parameters). W walks the chunk's graph again, so it costs about a whole backward here.
+
+Transfers are ``isend``/``irecv`` over the default group with a tag per (direction, receiving
+stage), so messages of different kinds never match each other (gloo honours tags). Sends are not
+waited for until the step ends; receives block only when their data is needed. A micro-batch's
+activations are released as soon as its backward (or W) is done. Gradients are accumulated over
+micro-batches; data-parallel traffic is allowed only during each chunk's last backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .schedules import Action, Schedule
+
+ACT, GRAD = 0, 1  # transfer kinds
+
+
+@dataclass(frozen=True)
+class Chunk:
+    stage: int
+    blocks: tuple[str, ...]  # keys of the model's ``blocks`` ModuleDict
+    first: bool
+    last: bool
+
+
+@dataclass
+class _Live:
+    inp: torch.Tensor | None = None  # received activation (requires grad), None on stage 0
+    out: torch.Tensor | None = None  # chunk output, or the scaled loss on the last stage
+    grad: torch.Tensor | None = None  # output gradient, kept from I for W
+
+
+@dataclass
+class StepContext:
+    """What one step's actions share: the micro-batches and how to run them."""
+
+    micro: list  # [(tokens, targets)], this dp rank's micro-batches
+    loss_fn: Callable  # (logits, targets) -> mean loss of the micro-batch
+    autocast: Callable = contextlib.nullcontext
+    no_sync: Callable = contextlib.nullcontext  # data parallel's accumulation context
+    meter: object = None  # ActivationMeter, on the steps that measure
+    clock: Callable = time.perf_counter
+    total: torch.Tensor | float = 0.0
+
+    def measure(self, a: Action):
+        return self.meter.forward((a.mb, a.chunk)) if self.meter is not None else contextlib.nullcontext()
+
+    def release(self, a: Action) -> None:
+        if self.meter is not None:
+            self.meter.release((a.mb, a.chunk))
+
+
+class PipelineParallel:
+    """Executes schedules on this rank's chunks of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, chunks: list[Chunk], schedule: Schedule, pp: int, pp_rank: int,
+                 stage_rank: Callable[[int], int], act_shape: tuple[int, ...], dtype: torch.dtype):
+        self.model, self.chunks, self.schedule, self.pp, self.pp_rank = model, chunks, schedule, pp, pp_rank
+        self.stage_rank = stage_rank  # global stage -> global rank of this (dp, tp) pipeline
+        self.act_shape, self.dtype = act_shape, dtype  # (micro_batch, seq, hidden) between stages
+        self.num_stages = pp * len(chunks)
+        self.device = next(model.parameters()).device
+        self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
+        self._sends: list = []
+        self._live: dict[tuple[int, int], _Live] = {}
+
+    # ---------------------------------------------------------------- transfers
+
+    def _send(self, t: torch.Tensor, to_stage: int, kind: int) -> None:
+        t = t.detach().contiguous()
+        work = dist.isend(t, self.stage_rank(to_stage), tag=kind * self.num_stages + to_stage)
+        self._sends.append((work, t))
+
+    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None) -> torch.Tensor:
+        shape = (rows or self.act_shape[0], *self.act_shape[1:])
+        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dist.irecv(buf, self.stage_rank(from_stage), tag=kind * self.num_stages + at_stage).wait()
+        return buf
+
+    def _wait_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
+
+    # ---------------------------------------------------------------- compute
+
+    def run_chunk(self, chunk: Chunk, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if chunk.first:
+            x = m.embed(x)  # tokens (b, S) -> (b, S, H)
+        for key in chunk.blocks:
+            x = m.blocks[key](x)
+        return m.head(x) if chunk.last else x  # logits (b, S, V[/tp]) on the last stage
+
+    def _forward(self, a: Action, ctx: StepContext) -> None:
+        chunk = self.chunks[a.chunk]
+        x, y = ctx.micro[a.mb]
+        inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT).requires_grad_()
+        with ctx.measure(a), ctx.autocast():
+            out = self.run_chunk(chunk, x if inp is None else inp)
+            if chunk.last:
+                loss = ctx.loss_fn(out, y)
+                ctx.total += loss.detach()
+                out = loss / len(ctx.micro)
+        if not chunk.last:
+            self._send(out, chunk.stage + 1, ACT)
+        self._live[(a.mb, a.chunk)] = _Live(inp=inp, out=out)
+
+    def _out_grad(self, chunk: Chunk) -> torch.Tensor | None:
+        return None if chunk.last else self._recv(chunk.stage + 1, chunk.stage, GRAD)
+
+    def _backward(self, a: Action, ctx: StepContext) -> None:
+        chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
+        torch.autograd.backward(live.out, self._out_grad(chunk))
+        if live.inp is not None:
+            self._send(live.inp.grad, chunk.stage - 1, GRAD)
+        ctx.release(a)
+
+    def _input_grad(self, a: Action, ctx: StepContext) -> None:
+        chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
+        live.grad = self._out_grad(chunk)
+        if live.inp is not None:
+            (g,) = torch.autograd.grad(live.out, live.inp, live.grad, retain_graph=True)
+            self._send(g, chunk.stage - 1, GRAD)
+
+    def _weight_grad(self, a: Action, ctx: StepContext) -> None:
+        live = self._live.pop((a.mb, a.chunk))
+        params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
+        torch.autograd.backward(live.out, live.grad, inputs=params)
+        ctx.release(a)
+
+    def _chunk_params(self, c: int) -> list[nn.Parameter]:
+        chunk, m = self.chunks[c], self.model
+        mods = [m.blocks[k] for k in chunk.blocks]
+        mods += [m.tok_emb, m.pos_emb] if chunk.first else []
+        mods += [m.norm, m.lm_head] if chunk.last else []
+        return [p for mod in mods if mod is not None for p in mod.parameters()]
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self, ctx: StepContext) -> torch.Tensor:
+        """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
+        acts = self.schedule.fn(self.pp, len(ctx.micro), len(self.chunks), self.pp_rank)
+        final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
+        run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
+        for i, a in enumerate(acts):
+            sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
+            t0 = ctx.clock()
+            with sync:
+                run[a.op](a, ctx)
+            if self.trace is not None:
+                self.trace.append((a, t0, ctx.clock()))
+        self._wait_sends()
+        return ctx.total / len(ctx.micro)
+
+    @torch.no_grad()
+    def forward_only(self, ctx: StepContext) -> list[torch.Tensor]:
+        """Forward, micro-batch by micro-batch through every chunk; the last stage's outputs."""
+        outs = []
+        for x, _ in ctx.micro:
+            for chunk in self.chunks:
+                inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT, len(x))
+                with ctx.autocast():
+                    out = self.run_chunk(chunk, x if inp is None else inp)
+                if chunk.last:
+                    outs.append(out)
+                else:
+                    self._send(out, chunk.stage + 1, ACT)
+        self._wait_sends()
+        return outs
