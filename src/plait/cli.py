@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help='";"-separated layouts of comma-separated key=value (parallel/train keys)')
     verify.add_argument("--tol", type=float, help="tolerance (default: 1e-9 in float64, 1e-4 otherwise)")
     verify.add_argument("--json", action="store_true", help="print a JSON list")
+    sched = sub.add_parser("schedule", help="draw a pipeline schedule and its bubble (simulated)")
+    sched.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved or zb")
+    sched.add_argument("--pp", type=int, default=4, help="pipeline stages (ranks)")
+    sched.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
+    sched.add_argument("--virtual", type=int, default=1, help="chunks per rank (interleaved)")
+    sched.add_argument("--tf", type=float, default=1.0, help="forward time of a whole stage")
+    sched.add_argument("--tb", type=float, default=2.0, help="backward time of a whole stage")
+    sched.add_argument("--tw", type=float, default=1.0, help="of which weight gradient (zb splits it off)")
+    sched.add_argument("--comm", type=float, default=0.0, help="time of one transfer between stages")
+    sched.add_argument("--png", help="write the timeline picture here")
+    sched.add_argument("--json", action="store_true", help="print a JSON object")
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
     bench.add_argument("what", choices=["dp", "tp"],
                        help="dp: plait's data parallel vs torch DDP; tp: plait's tensor parallel vs DTensor")
@@ -169,7 +180,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "verify": cmd_verify, "bench": cmd_bench}
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from .parallel.pipeline.report import build, grid
+    from .parallel.pipeline.simulate import Costs
+
+    tl = build(args.schedule, args.pp, args.microbatches, args.virtual, Costs(args.tf, args.tb, args.tw, args.comm))
+    summary = {"schedule": args.schedule, "pp": args.pp, "microbatches": args.microbatches,
+               "virtual": args.virtual, **tl.summary()}
+    if args.png:
+        from .viz import plot_schedules
+
+        plot_schedules([(f"{args.schedule}, pp={args.pp}, m={args.microbatches}, v={args.virtual}", tl)],
+                       Path(args.png))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(grid(tl))
+    print(f"makespan {tl.makespan:g}  bubble {tl.bubble_fraction:.4f} of the step  "
+          f"peak in-flight micro-batches per rank {summary['peak_inflight']}")
+    if args.png:
+        print(f"timeline: {args.png}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "verify": cmd_verify, "bench": cmd_bench, "schedule": cmd_schedule}
 
 
 def main(argv: list[str] | None = None) -> int:

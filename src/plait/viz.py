@@ -27,3 +27,41 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+COLOURS = {"F": "#4C72B0", "B": "#DD8452", "I": "#C44E52", "W": "#55A868"}
+
+
+def plot_schedules(panels: list[tuple[str, object]], path: Path) -> Path:
+    """One row per rank per panel; forward, backward, input- and weight-gradient blocks in distinct
+    colours, labelled with the micro-batch (and chunk). ``panels``: (title, Timeline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.0 + 0.55 * sum(t.pp for _, t in panels)),
+                             dpi=110, squeeze=False)
+    for ax, (title, tl) in zip(axes[:, 0], panels):
+        _draw_timeline(ax, tl, title)
+    handles = [Patch(color=c, label={"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}[k])
+               for k, c in COLOURS.items()]
+    fig.legend(handles=handles, loc="upper right", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _draw_timeline(ax, tl, title: str) -> None:
+    t0 = min(e.start for e in tl.events)
+    for e in tl.events:
+        y = tl.pp - 1 - e.rank
+        ax.broken_barh([(e.start - t0, e.end - e.start)], (y - 0.4, 0.8), facecolors=COLOURS[e.action.op],
+                       edgecolor="white", linewidth=0.5)
+        label = f"{e.action.mb}" + (f".{e.action.chunk}" if e.action.chunk else "")
+        ax.text(e.start - t0 + (e.end - e.start) / 2, y, label, ha="center", va="center", fontsize=6, color="white")
+    ax.set_yticks(range(tl.pp), [f"rank {r}" for r in reversed(range(tl.pp))])
+    ax.set_xlim(0, tl.makespan)
+    ax.set_title(f"{title}: makespan {tl.makespan:.3g}, bubble {tl.bubble_fraction:.1%}", fontsize=9)
