@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<date-time>); must not hold a run")
     train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     train.add_argument("--sample", type=int, default=300, help="bytes of text to generate at the end")
+    train.add_argument("--timeline", type=int, default=0, metavar="STEP",
+                       help="record pipeline step STEP: timeline.png/.json, measured beside simulated")
     verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
     _config_args(verify)
     verify.add_argument("--layouts", default="dp=2;dp=2,micro_batch=1",
@@ -135,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
     out = out_dir(args.out, check=rank == 0)
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
-    opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample)
+    _check_timeline(args.timeline, cfg)
+    opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample,
+                      timeline_step=args.timeline)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
@@ -148,12 +152,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_timeline(step: int, cfg: C.RunConfig) -> None:
+    if step and cfg.parallel.pp == 1:
+        raise ConfigError("--timeline", step, "records pipeline actions: needs parallel.pp > 1")
+    if not 0 <= step <= cfg.train.steps:
+        raise ConfigError("--timeline", step, f"must be a step from 1 to train.steps={cfg.train.steps}")
+
+
 def _report(result) -> None:
     if result.sample:
         print("\n--- sample ---\n" + result.sample + "\n--------------")
     if result.val_losses:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
         print(f"validation loss {first:.3f} -> {last:.3f}")
+    if result.timeline:
+        m, s = result.timeline["measured"], result.timeline["simulated"]
+        print(f"pipeline step: measured bubble {m['bubble_fraction']:.3f}, simulated {s['bubble_fraction']:.3f} "
+              "(timeline.png, timeline.json)")
     print(f"outputs: {Path(result.out).resolve()} (metrics.jsonl, config.toml, loss.png, tb/, checkpoints/)")
 
 

@@ -10,6 +10,7 @@ One optimizer step (``Trainer.step``) reads top to bottom:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class RunOptions:
     keep_params: bool = False  # return the final parameters (rank 0) for comparison
     sample_tokens: int = 0  # generate this many bytes at the end (rank 0)
     sample_prompt: str = "def "
+    timeline_step: int = 0  # record this step's pipeline actions (1-based); 0: off
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainResult:
     params: dict[str, torch.Tensor] | None = None
     sample: str | None = None
     out: str | None = None
+    timeline: dict | None = None  # measured vs simulated pipeline step, when recorded
 
 
 def param_dtype(cfg: RunConfig) -> torch.dtype:
@@ -169,7 +172,12 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     if evaluating:
         _record_val(trainer, writer, result, {"step": 0})
     for step in range(steps):
+        recording = step + 1 == opts.timeline_step and trainer.pm.pipeline is not None
+        if recording:
+            trainer.pm.pipeline.trace = []
         row = trainer.step(step)
+        if recording:
+            result.timeline = _timeline(trainer, opts, lead)
         result.losses.append(row["loss"])
         result.grad_norms.append(row["grad_norm"])
         if evaluating and (row["step"] % every == 0 or row["step"] == steps):
@@ -186,6 +194,29 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
 
         plot_losses(writer.rows, opts.out / "loss.png")
     return result
+
+
+def _timeline(trainer: Trainer, opts: RunOptions, lead: bool) -> dict | None:
+    """Gather the recorded step over pp; rank 0 compares it with the simulator and draws both."""
+    from ..parallel.pipeline import microbatches
+    from ..parallel.pipeline.report import compare
+
+    pipe = trainer.pm.pipeline
+    traces: list = [None] * trainer.cfg.parallel.pp
+    dist.all_gather_object(traces, pipe.trace, group=trainer.groups.pp)
+    pipe.trace = None
+    if not lead:
+        return None
+    p = trainer.cfg.parallel
+    report = compare(traces, pipe.schedule.actions(p.pp, microbatches(trainer.cfg), p.virtual_stages))
+    real, sim = report.pop("timelines")
+    if opts.out:
+        from ..viz import plot_schedules
+
+        (opts.out / "timeline.json").write_text(json.dumps(report, indent=1))
+        plot_schedules([(f"measured step {opts.timeline_step} ({p.schedule})", real),
+                        ("simulated at the measured mean costs", sim)], opts.out / "timeline.png")
+    return report
 
 
 def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainResult, row: dict) -> None:

@@ -44,3 +44,58 @@ def grid(tl: Timeline) -> str:
 
 def _label(a) -> str:
     return f"{a.op}{a.mb}" + (f"{chr(ord('a') + a.chunk)}" if a.chunk else "")
+
+
+def measured(traces: list[list[tuple]]) -> Timeline:
+    """A Timeline from each rank's recorded (action, start, end), times from one host's clock."""
+    from .schedules import stage_of
+    from .simulate import Event
+
+    pp = len(traces)
+    tl = Timeline(pp)
+    for rank, trace in enumerate(traces):
+        tl.events += [Event(rank, a, stage_of(rank, a.chunk, pp), start, end) for a, start, end in trace]
+    return tl
+
+
+def mean_costs(tl: Timeline, comm: float = 0.0) -> list[Costs]:
+    """Average time of each kind of action on each stage of a measured step."""
+    def mean(op: str, stage: int) -> float:
+        times = [e.end - e.start for e in tl.events if e.action.op == op and e.stage == stage]
+        return sum(times) / len(times) if times else 0.0
+
+    stages = range(max(e.stage for e in tl.events) + 1)
+    return [Costs(f=mean("F", s), b=mean("B", s) or mean("I", s) + mean("W", s), w=mean("W", s), comm=comm)
+            for s in stages]
+
+
+def transfer_latency(tl: Timeline) -> float:
+    """Mean time lost at an action that waits for another stage: from the moment both its rank
+    and its input were ready (the later of the two) to its start."""
+    from statistics import mean
+
+    from .simulate import _needs, _produces
+
+    last = max(e.stage for e in tl.events)
+    done = {(_produces(e.action), e.action.mb, e.stage): e.end for e in tl.events}
+    delays = []
+    for r in range(tl.pp):
+        prev = None
+        for e in sorted((e for e in tl.events if e.rank == r), key=lambda e: e.start):
+            remote = [done[k] for k in _needs(e.action, e.stage, last) if k[2] != e.stage and k in done]
+            if remote and prev is not None:
+                delays.append(e.start - max(prev, *remote))
+            prev = e.end
+    return max(0.0, mean(delays)) if delays else 0.0
+
+
+def compare(traces: list[list[tuple]], actions: list[list]) -> dict:
+    """The measured step beside the simulation of the same actions at the measured mean costs
+    (and the measured transfer latency)."""
+    real = measured(traces)
+    costs = mean_costs(real, transfer_latency(real))
+    sim = simulate(actions, costs)
+    return {"measured": real.summary(), "simulated": sim.summary(),
+            "busy_s": [real.busy(r) for r in range(real.pp)],
+            "stage_costs_s": [{"f": c.f, "b": c.b, "w": c.w} for c in costs], "comm_s": costs[0].comm,
+            "timelines": (real, sim)}

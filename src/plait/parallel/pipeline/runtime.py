@@ -79,6 +79,7 @@ class PipelineParallel:
         self.num_stages = pp * len(chunks)
         self.device = next(model.parameters()).device
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
+        self._mark = 0.0
         self._sends: list = []
         self._live: dict[tuple[int, int], _Live] = {}
 
@@ -114,6 +115,7 @@ class PipelineParallel:
         chunk = self.chunks[a.chunk]
         x, y = ctx.micro[a.mb]
         inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT).requires_grad_()
+        self._mark = ctx.clock()  # compute starts once the input is here
         with ctx.measure(a), ctx.autocast():
             out = self.run_chunk(chunk, x if inp is None else inp)
             if chunk.last:
@@ -129,7 +131,9 @@ class PipelineParallel:
 
     def _backward(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
-        torch.autograd.backward(live.out, self._out_grad(chunk))
+        grad = self._out_grad(chunk)
+        self._mark = ctx.clock()
+        torch.autograd.backward(live.out, grad)
         if live.inp is not None:
             self._send(live.inp.grad, chunk.stage - 1, GRAD)
         ctx.release(a)
@@ -137,6 +141,7 @@ class PipelineParallel:
     def _input_grad(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
         live.grad = self._out_grad(chunk)
+        self._mark = ctx.clock()
         if live.inp is not None:
             (g,) = torch.autograd.grad(live.out, live.inp, live.grad, retain_graph=True)
             self._send(g, chunk.stage - 1, GRAD)
@@ -163,11 +168,11 @@ class PipelineParallel:
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
             sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
-            t0 = ctx.clock()
+            self._mark = ctx.clock()  # moved past the wait for a transfer, if the action has one
             with sync:
                 run[a.op](a, ctx)
             if self.trace is not None:
-                self.trace.append((a, t0, ctx.clock()))
+                self.trace.append((a, self._mark, ctx.clock()))
         self._wait_sends()
         return ctx.total / len(ctx.micro)
 

@@ -90,9 +90,13 @@ def _produces(a: Action) -> str:
     return {"F": "F", "B": "G", "I": "G", "W": "W"}[a.op]
 
 
-def simulate(actions: list[list[Action]], costs: Costs | None = None) -> Timeline:
-    """List-schedule every rank's actions in their order; raise ScheduleError on a deadlock."""
+def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = None) -> Timeline:
+    """List-schedule every rank's actions in their order; raise ScheduleError on a deadlock.
+
+    ``costs``: one Costs for every stage, or a list with one per global stage (measured stages
+    differ: the first holds the embedding, the last the head and the loss)."""
     costs = costs or Costs()
+    per_stage = costs if isinstance(costs, list) else None
     pp = len(actions)
     last = pp * (1 + max((a.chunk for acts in actions for a in acts), default=0)) - 1
     done: dict[tuple, float] = {}
@@ -107,9 +111,10 @@ def simulate(actions: list[list[Action]], costs: Costs | None = None) -> Timelin
                 needs = _needs(a, stage, last)
                 if any(k not in done for k in needs):
                     break
-                remote = [done[k] + (costs.comm if k[2] != stage else 0.0) for k in needs]
+                c = per_stage[stage] if per_stage else costs
+                remote = [done[k] + (c.comm if k[2] != stage else 0.0) for k in needs]
                 start = max([free[r], *remote])
-                free[r] = start + costs.of(a.op)
+                free[r] = start + c.of(a.op)
                 done[(_produces(a), a.mb, stage)] = free[r]
                 timeline.events.append(Event(r, a, stage, start, free[r]))
                 pos[r] += 1
