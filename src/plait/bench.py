@@ -8,6 +8,7 @@ of the measured steps after a warm-up.
 - ``dp``: plait's bucketed data parallel vs ``DistributedDataParallel``.
 - ``tp``: plait's tensor parallel (explicit f/g collectives) vs DTensor's ``parallelize_module``
   (ColwiseParallel / RowwiseParallel, SequenceParallel when sequence parallel is on, loss_parallel).
+- ``pp``: plait's 1F1B runtime vs ``torch.distributed.pipelining``'s Schedule1F1B on the same stages.
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ class Contender:
     no_sync: Callable = contextlib.nullcontext  # for accumulation micro-steps
     zero_grad: Callable | None = None
     around: Callable = contextlib.nullcontext  # context for forward and backward (loss_parallel)
+    step: Callable | None = None  # runs forward and backward of all micro-batches itself (pipelines)
 
 
 def _timed_step(c: Contender, micro: list) -> float:
     dist.barrier()
     t0 = time.perf_counter()
-    for i, (x, y) in enumerate(micro):
-        with c.no_sync() if i < len(micro) - 1 else contextlib.nullcontext(), c.around():
-            (c.loss(c.model(x), y) / len(micro)).backward()
+    if c.step is not None:
+        c.step(micro)
+    else:
+        for i, (x, y) in enumerate(micro):
+            with c.no_sync() if i < len(micro) - 1 else contextlib.nullcontext(), c.around():
+                (c.loss(c.model(x), y) / len(micro)).backward()
     c.finish()
     c.optimizer.step()
     (c.zero_grad or c.optimizer.zero_grad)()  # torch's side: its default, set_to_none=True
@@ -103,9 +108,10 @@ def _fresh_model(cfg: RunConfig, device) -> nn.Module:
 
 
 def _plait(cfg: RunConfig, groups, device) -> Contender:
+    """plait's side: the model as ``parallelize`` builds it for training, stepped as the trainer does."""
     pm = parallelize(_fresh_model(cfg, device), groups, cfg)
     return Contender(pm.module, build_optimizer(pm.module.parameters(), cfg.train), pm.loss, pm.finish_grads,
-                     pm.grad_sync.no_sync, pm.grad_sync.zero_grad)
+                     pm.grad_sync.no_sync, pm.grad_sync.zero_grad, step=pm.forward_backward)
 
 
 def _ce(logits, y):
@@ -175,10 +181,57 @@ def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     return _summary(cfg, times, "torch DTensor tensor parallel", num_params(build_model(cfg.model)))
 
 
+class _TorchStage(nn.Module):
+    """This rank's stage as one module for torch.distributed.pipelining (the same split as ours)."""
+
+    def __init__(self, model: nn.Module, run):
+        super().__init__()
+        self.model, self._run = model, run
+
+    def forward(self, x):
+        return self._run(x)
+
+
+def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from .parallel.pipeline import apply_pipeline, microbatches, sum_tied_grads
+
+    device, groups, sampler = _setup(cfg)
+    ours = _plait(cfg, groups, device)
+    model = _fresh_model(cfg, device)
+    tied = model.lm_head.weight is model.tok_emb.weight
+    pipe = apply_pipeline(model, groups, cfg)  # the same stages, run by torch's schedule
+    chunk = pipe.chunks[0]
+    stage = PipelineStage(_TorchStage(model, lambda x: pipe.run_chunk(chunk, x)), chunk.stage, cfg.parallel.pp,
+                          device, group=groups.pp)
+    schedule = Schedule1F1B(stage, microbatches(cfg), loss_fn=_ce)
+    opt = build_optimizer(model.parameters(), cfg.train)
+    finish = (lambda: sum_tied_grads(model, groups.embed)) if tied else (lambda: None)  # same work as ours
+    theirs = Contender(model, opt, _ce, finish, step=lambda micro: _torch_pipeline_step(schedule, chunk, micro))
+    times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
+    return _summary(cfg, times, "torch.distributed.pipelining Schedule1F1B", num_params(build_model(cfg.model)))
+
+
+def _torch_pipeline_step(schedule, chunk, micro: list) -> None:
+    x = torch.cat([m[0] for m in micro])
+    y = torch.cat([m[1] for m in micro])
+    if chunk.first:
+        schedule.step(x)
+    elif chunk.last:
+        schedule.step(target=y)
+    else:
+        schedule.step()
+
+
 BENCHES = {
     # A model where gradient traffic matters: 4.8M parameters, 19 MB of fp32 gradients a step.
     "dp": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
             "train.global_batch": "16", "train.micro_batch": "8"}, _dp_worker),
+    # 8 layers over 2 stages, 8 micro-batches of 4 sequences: 1F1B's bubble is 1/9 of the step.
+    "pp": ({"model.layers": "8", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
+            "train.global_batch": "32", "train.micro_batch": "4", "parallel.pp": "2",
+            "parallel.schedule": "1f1b"}, _pp_worker),
     # 10.8M parameters; activations of 8 x 128 tokens cross the tp group twice a layer each way.
     "tp": ({"model.flavour": "llama", "model.layers": "6", "model.hidden": "384", "model.heads": "6",
             "model.seq_len": "128", "train.global_batch": "8", "train.micro_batch": "8",

@@ -81,6 +81,7 @@ class PipelineParallel:
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
         self._sends: list = []
+        self._posted: dict[tuple[int, int, int], tuple] = {}  # receive posted ahead: (from, at, kind)
         self._live: dict[tuple[int, int], _Live] = {}
 
     # ---------------------------------------------------------------- transfers
@@ -90,11 +91,32 @@ class PipelineParallel:
         work = dist.isend(t, self.stage_rank(to_stage), tag=kind * self.num_stages + to_stage)
         self._sends.append((work, t))
 
-    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None) -> torch.Tensor:
+    def _post_recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None):
         shape = (rows or self.act_shape[0], *self.act_shape[1:])
         buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-        dist.irecv(buf, self.stage_rank(from_stage), tag=kind * self.num_stages + at_stage).wait()
+        return dist.irecv(buf, self.stage_rank(from_stage), tag=kind * self.num_stages + at_stage), buf
+
+    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None) -> torch.Tensor:
+        """The next message of this kind into this stage: posted early by ``_prefetch``, or now."""
+        key = (from_stage, at_stage, kind)
+        work, buf = self._posted.pop(key) if key in self._posted else self._post_recv(*key, rows)
+        work.wait()
         return buf
+
+    def _needs_recv(self, a: Action) -> tuple[int, int, int] | None:
+        stage = self.chunks[a.chunk].stage
+        if a.op == "F" and stage > 0:
+            return stage - 1, stage, ACT
+        if a.op in ("B", "I") and stage < self.num_stages - 1:
+            return stage + 1, stage, GRAD
+        return None
+
+    def _prefetch(self, a: Action) -> None:
+        """Post the receive that action ``a`` will need, so the transfer overlaps this compute.
+        Receives are posted in action order, so each tag's messages still match in order."""
+        key = self._needs_recv(a)
+        if key is not None and key not in self._posted:
+            self._posted[key] = self._post_recv(*key)
 
     def _wait_sends(self) -> None:
         for work, _ in self._sends:
@@ -167,6 +189,8 @@ class PipelineParallel:
         final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
+            if i + 1 < len(acts):
+                self._prefetch(acts[i + 1])
             sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
             self._mark = ctx.clock()  # moved past the wait for a transfer, if the action has one
             with sync:
