@@ -135,10 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
+    _check_timeline(args.timeline, cfg)
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
     out = out_dir(args.out, check=rank == 0)
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
-    _check_timeline(args.timeline, cfg)
     opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample,
                       timeline_step=args.timeline)
     if rank == 0:

@@ -148,11 +148,11 @@ def _coerce(name: str, value: object, typ: object) -> object:
 
 
 def _coerce_tuple(name: str, value: object) -> tuple[int, ...]:
-    if isinstance(value, str):
-        text = value.strip().strip("[]()")
+    if isinstance(value, str):  # "2,2", "[2, 2]", or "2:2" (inside verify's comma-separated layouts)
+        text = value.strip().strip("[]()").replace(":", ",")
         value = [v for v in text.replace(" ", "").split(",") if v]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(name, value, "expected a list of integers such as 2,2")
+        raise ConfigError(name, value, "expected a list of integers such as 2,2 (or 2:2)")
     return tuple(_coerce(name, v, int) for v in value)
 
 

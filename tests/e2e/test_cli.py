@@ -57,6 +57,11 @@ BAD = [
     (["--tp", "2", "--set", "model.hidden=63", "--set", "model.heads=3"], "model.hidden"),
     (["--tp", "2", "--set", "model.ffn_hidden=99"], "model.ffn_hidden"),
     (["--tp", "2", "--set", "parallel.sequence_parallel=true", "--set", "model.seq_len=99"], "model.seq_len"),
+    (["--pp", "2", "--set", "model.layers=1"], "model.layers"),
+    (["--pp", "2", "--set", "parallel.schedule=interleaved", "--set", "parallel.virtual_stages=2",
+      "--set", "train.micro_batch=4", "--set", "train.global_batch=12"], "parallel.microbatches"),
+    (["--pp", "2", "--set", "parallel.schedule=pipedream"], "parallel.schedule"),
+    (["--timeline", "3"], "--timeline"),
 ]
 
 
@@ -178,3 +183,49 @@ def test_parameter_bytes_per_rank_shrink_with_tp(corpus_file, tmp_path):
         assert r.returncode == 0, r.stderr
         bytes_at[tp] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["mem_params_bytes"]
     assert 0.5 < bytes_at[2] / bytes_at[1] < 0.56  # 1/2 of the split part, plus the small replicated rest
+
+
+@pytest.mark.parametrize("layout, nproc", [(["--pp", "2"], 2), (["--pp", "2", "--tp", "2"], 4),
+                                           (["--pp", "2", "--set", "parallel.schedule=zb"], 2)])
+def test_pipeline_layouts_train_end_to_end(corpus_file, tmp_path, layout, nproc):
+    out = tmp_path / "run"
+    r = plait("train", *tiny_args(corpus_file), "--set", "model.layers=4", *layout, "--nproc", str(nproc),
+              "--out", str(out), "--steps", "4", "--set", "train.eval_every=2", "--sample", "10", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "val_loss" in row] == [0, 2, 4]
+    assert "--- sample ---" in r.stdout
+
+
+def test_timeline_of_a_real_pipeline_step(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    r = plait("train", *tiny_args(corpus_file), "--set", "model.layers=4", "--pp", "2", "--nproc", "2",
+              "--set", "train.micro_batch=1", "--out", str(out), "--steps", "3", "--timeline", "2", "--no-progress",
+              "--sample", "0")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "timeline.json").read_text())
+    assert len(report["measured"]["peak_inflight"]) == 2 and report["measured"]["peak_inflight"][0] == 2
+    assert 0 <= report["measured"]["bubble_fraction"] < 1 and 0 <= report["simulated"]["bubble_fraction"] < 1
+    assert (out / "timeline.png").stat().st_size > 1000
+    assert "measured bubble" in r.stdout
+
+
+def test_schedule_command_json_grid_and_picture(tmp_path):
+    r = plait("schedule", "--schedule", "1f1b", "--pp", "4", "--microbatches", "8", "--json")
+    d = json.loads(r.stdout)
+    assert d["bubble_fraction"] == pytest.approx(3 / 11) and d["peak_inflight"] == [4, 3, 2, 1]
+    assert d["makespan"] == 33
+    png = tmp_path / "s.png"
+    r = plait("schedule", "--schedule", "interleaved", "--pp", "2", "--microbatches", "4", "--virtual", "2",
+              "--png", str(png))
+    assert r.returncode == 0 and "rank 1 |" in r.stdout and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, field", [(["--schedule", "foo"], "--schedule"), (["--pp", "0"], "--pp"),
+                                         (["--schedule", "interleaved", "--pp", "4", "--microbatches", "6"],
+                                          "--microbatches"),
+                                         (["--schedule", "1f1b", "--virtual", "2"], "--virtual")])
+def test_schedule_bad_input(args, field):
+    r = plait("schedule", *args)
+    assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

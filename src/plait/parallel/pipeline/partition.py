@@ -30,23 +30,26 @@ def layer_costs(m: ModelConfig, tokens: int) -> tuple[float, float, float]:
 
 
 def balanced_split(layers: int, stages: int, costs: tuple[float, float, float]) -> list[int]:
-    """Blocks per stage minimising the largest stage cost (every stage gets at least one block)."""
+    """Blocks per stage minimising the largest stage cost (every stage gets at least one block);
+    ties go to the split with the smaller sum of squared stage costs (the more even one)."""
     embed, block, head = costs
 
     def stage_cost(first: int, n: int) -> float:
         return n * block + (embed if first == 0 else 0) + (head if first + n == layers else 0)
 
     @cache
-    def best(start: int, k: int) -> tuple[float, tuple[int, ...]]:
+    def best(start: int, k: int) -> tuple[float, float, tuple[int, ...]]:
         if k == 1:
-            return stage_cost(start, layers - start), (layers - start,)
+            c = stage_cost(start, layers - start)
+            return c, c * c, (layers - start,)
         options = []
         for n in range(1, layers - start - k + 2):
-            rest, split = best(start + n, k - 1)
-            options.append((max(stage_cost(start, n), rest), (n, *split)))
+            c = stage_cost(start, n)
+            worst, squares, split = best(start + n, k - 1)
+            options.append((max(c, worst), c * c + squares, (n, *split)))
         return min(options)
 
-    return list(best(0, stages)[1])
+    return list(best(0, stages)[2])
 
 
 def stage_blocks(m: ModelConfig, stages: int, tokens: int, explicit: tuple[int, ...] = ()) -> list[list[int]]:
