@@ -77,6 +77,7 @@ class Trainer:
         self.coord = self.groups.coord
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg.model).to(device=device, dtype=param_dtype(cfg))
+        self.model_params = num_params(model)  # the whole model's, before it is split
         self.pm = parallelize(model, self.groups, cfg)
         self.model = self.pm.module
         self.optimizer = build_optimizer(self.model.parameters(), t)
@@ -151,8 +152,12 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     lead = rank == 0
     if lead and opts.out:
         log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s; %d steps",
-                 cfg.model.flavour, num_params(trainer.model) / 1e6, cfg.parallel.dp, cfg.parallel.tp,
+                 cfg.model.flavour, trainer.model_params / 1e6, cfg.parallel.dp, cfg.parallel.tp,
                  cfg.parallel.pp, device.type, cfg.train.steps)
+    if lead and opts.out and trainer.pm.pipeline is not None:
+        pipe = trainer.pm.pipeline
+        log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe.schedule.name,
+                 len(trainer.sampler.batch(0)[0]) // cfg.train.micro_batch, pipe.stage_sizes)
     result = _loop(trainer, opts, lead)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp

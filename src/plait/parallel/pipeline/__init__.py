@@ -41,8 +41,10 @@ def apply_pipeline(model: nn.Module, groups: Groups, cfg: RunConfig) -> Pipeline
 
     seq = m.seq_len // p.tp if p.sequence_parallel else m.seq_len
     dtype = next(model.parameters()).dtype
-    return PipelineParallel(model, chunks, schedules.get(p.schedule), pp, coord.pp_rank, stage_rank,
+    pipe = PipelineParallel(model, chunks, schedules.get(p.schedule), pp, coord.pp_rank, stage_rank,
                             (cfg.train.micro_batch, seq, m.hidden), dtype)
+    pipe.stage_sizes = [len(b) for b in blocks]  # blocks per global stage, for reports
+    return pipe
 
 
 def _keep_local(model: nn.Module, chunks: list[Chunk]) -> None:

@@ -78,6 +78,7 @@ class PipelineParallel:
         self.act_shape, self.dtype = act_shape, dtype  # (micro_batch, seq, hidden) between stages
         self.num_stages = pp * len(chunks)
         self.device = next(model.parameters()).device
+        self.stage_sizes: list[int] = []  # blocks per global stage (set by apply_pipeline)
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
         self._sends: list = []
