@@ -70,8 +70,8 @@ def mean_costs(tl: Timeline, comm: float = 0.0) -> list[Costs]:
 
 
 def transfer_latency(tl: Timeline) -> float:
-    """Mean time lost at an action that waits for another stage: from the moment both its rank
-    and its input were ready (the later of the two) to its start."""
+    """Mean time from a result's end on one stage to the start of the action on the next stage
+    that was waiting for it (its own rank was free earlier)."""
     from statistics import mean
 
     from .simulate import _needs, _produces
@@ -83,8 +83,8 @@ def transfer_latency(tl: Timeline) -> float:
         prev = None
         for e in sorted((e for e in tl.events if e.rank == r), key=lambda e: e.start):
             remote = [done[k] for k in _needs(e.action, e.stage, last) if k[2] != e.stage and k in done]
-            if remote and prev is not None:
-                delays.append(e.start - max(prev, *remote))
+            if remote and (prev is None or max(remote) >= prev):  # waited for the transfer
+                delays.append(e.start - max(remote))
             prev = e.end
     return max(0.0, mean(delays)) if delays else 0.0
 
@@ -95,7 +95,9 @@ def compare(traces: list[list[tuple]], actions: list[list]) -> dict:
     real = measured(traces)
     costs = mean_costs(real, transfer_latency(real))
     sim = simulate(actions, costs)
-    return {"measured": real.summary(), "simulated": sim.summary(),
+    t0 = min(e.start for e in real.events)
+    events = [[e.rank, e.action.op, e.action.mb, e.action.chunk, e.start - t0, e.end - t0] for e in real.events]
+    return {"measured": real.summary(), "simulated": sim.summary(), "events": events,
             "busy_s": [real.busy(r) for r in range(real.pp)],
             "stage_costs_s": [{"f": c.f, "b": c.b, "w": c.w} for c in costs], "comm_s": costs[0].comm,
             "timelines": (real, sim)}
