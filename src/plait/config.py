@@ -309,7 +309,9 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
             "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
             f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
         )
-    _not_yet("parallel.zero", p.zero, p.zero > 0, "ZeRO sharding")
+    _not_yet("parallel.zero", p.zero, p.zero == 3, "ZeRO-3 (parameter sharding)")
+    if p.zero and p.dp == 1:
+        raise ConfigError("parallel.zero", p.zero, "shards over data parallel: needs dp > 1 (dp is 1); use zero=0")
 
 
 def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
@@ -339,6 +341,9 @@ def _validate_pipeline(cfg: RunConfig) -> None:
     if p.pp > 1 and p.schedule == "interleaved" and micro % p.pp:
         raise ConfigError("parallel.microbatches", micro, f"the interleaved schedule needs a multiple of pp={p.pp} "
                           "micro-batches per step (global_batch / (dp x micro_batch))")
+    if p.zero and p.pp > 1 and m.flavour == "gpt2":
+        raise ConfigError("parallel.zero", p.zero, "with pp > 1 needs untied embeddings (flavour llama); "
+                          "gpt2 ties its embedding across the first and last stage")
     if p.stage_layers and (len(p.stage_layers) != stages or sum(p.stage_layers) != m.layers
                            or min(p.stage_layers) < 1):
         raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),

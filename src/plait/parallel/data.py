@@ -135,6 +135,20 @@ class DataParallel:
     def grad_bytes(self) -> int:
         return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
 
+    def begin_step(self) -> None:
+        """Before the step's first backward: nothing for plain data parallel (ZeRO-2 allocates)."""
+
+    def after_step(self) -> None:
+        """After the optimizer step: nothing to do for plain data parallel (ZeRO gathers here)."""
+
+    def optimizer_params(self) -> list[nn.Parameter]:
+        """What the optimizer updates: every parameter (ZeRO: this rank's slices)."""
+        return [p for b in self.buckets for p in b.params]
+
+    def decays(self) -> set[int] | None:
+        """ids of the optimizer's parameters that take weight decay; None: decide by shape."""
+        return None
+
 
 def _attach_views(b: Bucket) -> None:
     offset = 0

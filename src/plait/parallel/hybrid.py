@@ -23,6 +23,7 @@ from ..train.optim import clip_grad_norm
 from .data import DataParallel
 from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads
 from .tensor import TensorParallel, apply_tensor_parallel
+from .zero import ZeroDataParallel
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ParallelModel:
     def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; gradients accumulate (scaled 1/len).
         Returns the mean loss where this rank computes it (every rank, or the last stage), else 0."""
+        self.grad_sync.begin_step()
         ctx = StepContext(micro, self.loss, autocast, self.grad_sync.no_sync, meter)
         if self.pipeline is not None:
             return self.pipeline.train_step(ctx)
@@ -88,8 +90,18 @@ class ParallelModel:
         if self.tied:
             sum_tied_grads(self.module, self.groups.embed)
 
+    def optimizer_params(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the local parameters, or under ZeRO this rank's slices."""
+        return self.grad_sync.optimizer_params()
+
+    def after_step(self) -> None:
+        """After the optimizer step (ZeRO: all-gather the updated parameters over dp)."""
+        self.grad_sync.after_step()
+
     def clip_grads(self, max_norm: float) -> float:
         """Global-norm clip: tp shards summed over tp, stages summed over pp, every weight once."""
+        if isinstance(self.grad_sync, ZeroDataParallel):
+            return self._clip_zero(max_norm)
         sharded = self.tp.sharded if self.tp is not None else {}
         copy = self.tied and self.module.lm_head is not None  # the last stage's copy of the tied weight
         params = [(n, p) for n, p in self.module.named_parameters() if not (copy and n == "lm_head.weight")]
@@ -97,6 +109,16 @@ class ParallelModel:
         tp_group = self.tp.group if self.tp is not None else None
         return clip_grad_norm([p for n, p in params if n in sharded], [p for n, p in params if n not in sharded],
                               max_norm, tp_group, pp_group, (self.module.lm_head.weight,) if copy else ())
+
+    def _clip_zero(self, max_norm: float) -> float:
+        """As clip_grads, over this rank's slices (ZeRO), their squares summed over dp too."""
+        sharded = self.tp.sharded if self.tp is not None else {}
+        name = {id(p): n for n, p in self.module.named_parameters()}
+        segs = self.grad_sync.segments
+        pp_group = self.groups.pp if self.pipeline is not None else None
+        return clip_grad_norm([s for s, src in segs if name[id(src)] in sharded],
+                              [s for s, src in segs if name[id(src)] not in sharded], max_norm,
+                              self.tp.group if self.tp is not None else None, pp_group, dp_group=self.groups.dp)
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by name, on CPU (collective over tp and pp)."""
@@ -149,8 +171,6 @@ class _Key:
 def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelModel:
     """Apply the layout of ``cfg.parallel`` to ``model`` (already on its device and dtype)."""
     p = cfg.parallel
-    if p.zero > 0:
-        raise NotImplementedError("zero is validated away until it is built")
     tp = pipeline = None
     tied = model.lm_head.weight is model.tok_emb.weight
     if p.tp > 1 or p.sequence_parallel:
@@ -162,4 +182,5 @@ def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelMod
         if tp is not None:  # forget what now lives on other stages
             local = {id(q) for q in model.parameters()}
             tp.sp_replicated = [q for q in tp.sp_replicated if id(q) in local]
-    return ParallelModel(model, groups, DataParallel(model, groups.dp), tp, pipeline, tied and p.pp > 1)
+    sync = ZeroDataParallel(model, groups.dp, p.zero) if p.zero else DataParallel(model, groups.dp)
+    return ParallelModel(model, groups, sync, tp, pipeline, tied and p.pp > 1)

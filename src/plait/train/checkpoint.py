@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ class Checkpointer:
         ``shards``: ``(tp_mesh, {name: (dim, size)})`` for tensor-parallel parameters.
         """
         self.wait()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        if optimizer is None:
+            model_sd, optim_sd = get_model_state_dict(model), {"state": {}}
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
         if shards is not None:
             model_sd, optim_sd = _as_dtensors(model_sd, optim_sd, *shards)
         state = {"model": model_sd, "optim": optim_sd, "extra": {"step": step, **extra}}

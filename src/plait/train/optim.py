@@ -12,11 +12,14 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on parameters of two or more dims (not on norms, biases)."""
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, decays: set[int] | None = None
+                    ) -> torch.optim.AdamW:
+    """AdamW; weight decay on parameters of two or more dims (not on norms, biases), or on those
+    whose ids are in ``decays`` (ZeRO's flat slices have lost their shapes)."""
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    other = [p for p in params if p.dim() < 2]
+    takes_decay = (lambda p: id(p) in decays) if decays is not None else (lambda p: p.dim() >= 2)
+    decay = [p for p in params if takes_decay(p)]
+    other = [p for p in params if not takes_decay(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
@@ -37,14 +40,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @torch.no_grad()
 def clip_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], max_norm: float,
-                   group=None, pp_group=None, copies: tuple[torch.Tensor, ...] = ()) -> float:
+                   group=None, pp_group=None, copies: tuple[torch.Tensor, ...] = (), dp_group=None) -> float:
     """Scale gradients so that their global L2 norm is at most ``max_norm``; return the norm.
 
     ``sharded`` parameters are split over ``group`` (tensor parallel): their squared norms are
     summed over it (one all-reduce of one number). ``replicated`` ones hold the same gradient on
     every rank of the group and are counted once. Each pipeline stage holds other parameters: the
     squared norms are summed over ``pp_group``; a tied weight's second copy goes in ``copies``
-    (scaled, not counted).
+    (scaled, not counted). Under ZeRO each dp rank holds a slice of every gradient: ``dp_group``
+    sums the squares over the slices.
     Under data parallel gradients are already averaged, so no dp traffic is needed.
     """
     grads_s = [p.grad for p in sharded if p.grad is not None]
@@ -54,6 +58,8 @@ def clip_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], 
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sq, group=group)
     sq = sq + _squared_norm(grads_r, device)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(sq, group=dp_group)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(sq, group=pp_group)
     total = sq.sqrt()

@@ -80,7 +80,7 @@ class Trainer:
         self.model_params = num_params(model)  # the whole model's, before it is split
         self.pm = parallelize(model, self.groups, cfg)
         self.model = self.pm.module
-        self.optimizer = build_optimizer(self.model.parameters(), t)
+        self.optimizer = build_optimizer(self.pm.optimizer_params(), t, self.pm.grad_sync.decays())
         torch.manual_seed(t.seed + 1 + self.coord.dp_rank)  # dropout differs across dp ranks
         self.corpus = corpus
         self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, t.seed, self.coord.dp_rank, p.dp)
@@ -107,6 +107,7 @@ class Trainer:
         self.pm.finish_grads()
         grad_norm = self.pm.clip_grads(self.cfg.train.grad_clip)
         self.optimizer.step()
+        self.pm.after_step()
         self.pm.grad_sync.zero_grad()
         loss = self.pm.global_loss(local)
         if step == 0:
@@ -190,7 +191,8 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
         elif writer:
             writer.write(row)
         if ckpt.due(row["step"], steps):
-            ckpt.save(row["step"], trainer.model, trainer.optimizer, {"sampler": trainer.sampler.state_dict()},
+            optimizer = None if cfg.parallel.zero else trainer.optimizer  # ZeRO slices: not yet checkpointed
+            ckpt.save(row["step"], trainer.model, optimizer, {"sampler": trainer.sampler.state_dict()},
                       trainer.pm.checkpoint_shards())
     ckpt.wait()
     if writer:

@@ -1,0 +1,42 @@
+"""ZeRO-1/2 against one process, and model-state bytes per rank against the ZeRO paper's formulas."""
+
+import json
+
+import pytest
+
+from plait.launch import run_local
+from plait.models import build_model, num_params
+from plait.train.trainer import RunOptions, train_worker
+from plait.verify import layout_config, parse_layouts, run_verify
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_zero_layouts_match_one_process(corpus_file, flavour):
+    layouts = ["dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=2,micro_batch=1", "dp=4,zero=1,micro_batch=1",
+               "dp=2,tp=2,zero=2"]
+    if flavour == "llama":
+        layouts.append("dp=2,pp=2,zero=2")
+    base = tiny_config(corpus_file, f"model.flavour={flavour}", "model.layers=4", "train.dtype=float64",
+                       "train.steps=3", "model.vocab=257")
+    rows = run_verify(base, parse_layouts(";".join(layouts)), tol=1e-9, progress=False)
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+def _formula(zero: int, dp: int, psi: int) -> float:
+    """fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per parameter (REFERENCE.md)."""
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / dp, 2: 4 * psi + 12 * psi / dp}[zero]
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_model_state_bytes_follow_the_formula(corpus_file, tmp_path, zero, dp):
+    cfg, nproc = layout_config(tiny_config(corpus_file, "model.hidden=64", "train.steps=2"),
+                               parse_layouts(f"dp={dp},zero={zero},micro_batch=1")[0])
+    run_local(train_worker, nproc, (cfg, RunOptions(out=tmp_path, progress=False)))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    states = row["mem_params_bytes"] + row["mem_grads_bytes"] + row["mem_optimizer_bytes"]
+    want = _formula(zero, dp, num_params(build_model(cfg.model)))
+    assert abs(states / want - 1) < 0.10, (states, want)
