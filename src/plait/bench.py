@@ -9,6 +9,8 @@ of the measured steps after a warm-up.
 - ``tp``: plait's tensor parallel (explicit f/g collectives) vs DTensor's ``parallelize_module``
   (ColwiseParallel / RowwiseParallel, SequenceParallel when sequence parallel is on, loss_parallel).
 - ``pp``: plait's 1F1B runtime vs ``torch.distributed.pipelining``'s Schedule1F1B on the same stages.
+- ``zero``: plait's ZeRO-1/2 vs ``ZeroRedundancyOptimizer`` (PyTorch's ZeRO-1) over DDP, with the
+  model-state bytes per rank (parameters, gradients, optimizer moments) of each.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Contender:
     zero_grad: Callable | None = None
     around: Callable = contextlib.nullcontext  # context for forward and backward (loss_parallel)
     step: Callable | None = None  # runs forward and backward of all micro-batches itself (pipelines)
+    after: Callable = lambda: None  # after the optimizer step (ZeRO's parameter all-gather)
 
 
 def _timed_step(c: Contender, micro: list) -> float:
@@ -60,6 +63,7 @@ def _timed_step(c: Contender, micro: list) -> float:
                 (c.loss(c.model(x), y) / len(micro)).backward()
     c.finish()
     c.optimizer.step()
+    c.after()
     (c.zero_grad or c.optimizer.zero_grad)()  # torch's side: its default, set_to_none=True
     return time.perf_counter() - t0
 
@@ -110,8 +114,11 @@ def _fresh_model(cfg: RunConfig, device) -> nn.Module:
 def _plait(cfg: RunConfig, groups, device) -> Contender:
     """plait's side: the model as ``parallelize`` builds it for training, stepped as the trainer does."""
     pm = parallelize(_fresh_model(cfg, device), groups, cfg)
-    return Contender(pm.module, build_optimizer(pm.module.parameters(), cfg.train), pm.loss, pm.finish_grads,
-                     pm.grad_sync.no_sync, pm.grad_sync.zero_grad, step=pm.forward_backward)
+    opt = build_optimizer(pm.optimizer_params(), cfg.train, pm.grad_sync.decays())
+    c = Contender(pm.module, opt, pm.loss, pm.finish_grads, pm.grad_sync.no_sync, pm.grad_sync.zero_grad,
+                  step=pm.forward_backward, after=pm.after_step)
+    c.grad_bytes = pm.grad_sync.grad_bytes
+    return c
 
 
 def _ce(logits, y):
@@ -224,10 +231,36 @@ def _torch_pipeline_step(schedule, chunk, micro: list) -> None:
         schedule.step()
 
 
+def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from .train.metrics import optimizer_bytes, tensor_bytes
+
+    device, groups, sampler = _setup(cfg)
+    ours = _plait(cfg, groups, device)
+    ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
+    t, params = cfg.train, list(ddp.parameters())
+    zro = ZeroRedundancyOptimizer([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  optimizer_class=torch.optim.AdamW, process_group=groups.dp, lr=t.lr,
+                                  betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    theirs = Contender(ddp, zro, _ce, no_sync=ddp.no_sync)
+    times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
+    ours_bytes = tensor_bytes(ours.model.parameters()) + ours.grad_bytes() + optimizer_bytes(ours.optimizer)
+    torch_bytes = 2 * tensor_bytes(params) + optimizer_bytes(zro.optim)  # params, gradients, moments
+    out = _summary(cfg, times, "torch ZeroRedundancyOptimizer + DDP", num_params(build_model(cfg.model)))
+    if out is not None:
+        out.update(zero=cfg.parallel.zero, ours_state_bytes=ours_bytes, torch_state_bytes=torch_bytes)
+    return out
+
+
 BENCHES = {
     # A model where gradient traffic matters: 4.8M parameters, 19 MB of fp32 gradients a step.
     "dp": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
             "train.global_batch": "16", "train.micro_batch": "8"}, _dp_worker),
+    # ZeRO-1 (--zero 2 for stage 2) on the dp bench model against ZeroRedundancyOptimizer + DDP.
+    "zero": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
+              "train.global_batch": "16", "train.micro_batch": "8", "parallel.zero": "1"}, _zero_worker),
     # 8 layers over 2 stages, 8 micro-batches of 4 sequences: 1F1B's bubble is 1/9 of the step.
     "pp": ({"model.layers": "8", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
             "train.global_batch": "32", "train.micro_batch": "4", "parallel.pp": "2",

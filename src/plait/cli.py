@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--png", help="write the timeline picture here")
     sched.add_argument("--json", action="store_true", help="print a JSON object")
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
-    bench.add_argument("what", choices=["dp", "tp", "pp"],
+    bench.add_argument("what", choices=["dp", "tp", "pp", "zero"],
                        help="dp: data parallel vs torch DDP; tp: tensor parallel vs DTensor; "
-                            "pp: 1F1B vs torch.distributed.pipelining")
+                            "pp: 1F1B vs torch.distributed.pipelining; zero: ZeRO vs ZeroRedundancyOptimizer")
     _config_args(bench)
     bench.add_argument("--iters", type=int, default=8, help="measured steps (median reported)")
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
