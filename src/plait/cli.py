@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="record pipeline step STEP: timeline.png/.json, measured beside simulated")
     verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
     _config_args(verify)
-    verify.add_argument("--layouts", default="dp=2;dp=2,micro_batch=1",
-                        help='";"-separated layouts of comma-separated key=value (parallel/train keys)')
+    verify.add_argument("--layouts", help='";"-separated layouts of comma-separated key=value (parallel/train '
+                        'keys); default: the standard matrix (every factorisation of 2 and 4 processes, '
+                        'x zero, x schedules, and dp=2,tp=2,pp=2)')
     verify.add_argument("--tol", type=float, help="tolerance (default: 1e-9 in float64, 1e-4 otherwise)")
     verify.add_argument("--json", action="store_true", help="print a JSON list")
     sched = sub.add_parser("schedule", help="draw a pipeline schedule and its bubble (simulated)")
@@ -174,11 +175,16 @@ def _report(result) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import format_table, parse_layouts, run_verify
+    from .verify import format_table, parse_layouts, run_verify, runnable, standard_matrix
 
     defaults = {"train.dtype": "float64", "train.steps": "20", "train.eval_every": "0"}
+    if not args.layouts:  # 2 sequences a micro-batch: every layout of the matrix divides the batch
+        defaults["train.micro_batch"] = "2"
     base = load_config(args, defaults)
-    layouts = parse_layouts(args.layouts)
+    if args.layouts:
+        layouts = parse_layouts(args.layouts)
+    else:  # the standard matrix, less what this model or batch cannot run (each logged)
+        layouts = runnable(base, parse_layouts(standard_matrix()))
     tol = args.tol if args.tol is not None else (1e-9 if base.train.dtype == "float64" else 1e-4)
     rows = run_verify(base, layouts, tol, progress=not args.json)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))

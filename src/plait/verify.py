@@ -25,6 +25,27 @@ from .train.trainer import RunOptions, TrainResult, train_worker
 log = logging.getLogger(__name__)
 
 LAYOUT_SECTIONS = ("parallel", "train")
+SCHEDULE_VARIANTS = ("schedule=gpipe", "schedule=1f1b", "schedule=interleaved,virtual_stages=2", "schedule=zb")
+
+
+def standard_matrix() -> str:
+    """Every factorisation of 2 and 4 processes over (dp, tp, pp), crossed with zero 0-3 where
+    dp > 1 and with the schedules where pp > 1, plus dp=2,tp=2,pp=2 (8 processes)."""
+    layouts = []
+    for n in (2, 4):
+        for dp, tp, pp in _factorisations(n):
+            zeros = range(4) if dp > 1 else [0]
+            schedules = SCHEDULE_VARIANTS if pp > 1 else [""]
+            for zero in zeros:
+                for sched in schedules:
+                    parts = [f"dp={dp}", f"tp={tp}", f"pp={pp}"] + ([f"zero={zero}"] if zero else []) + [sched]
+                    layouts.append(",".join(p for p in parts if p))
+    return ";".join(layouts + ["dp=2,tp=2,pp=2"])
+
+
+def _factorisations(n: int) -> list[tuple[int, int, int]]:
+    return [(dp, tp, n // (dp * tp)) for dp in range(1, n + 1) for tp in range(1, n + 1)
+            if n % (dp * tp) == 0]
 
 
 def parse_layouts(text: str) -> list[dict[str, dict[str, str]]]:
@@ -75,6 +96,18 @@ def compare(ref: TrainResult, got: TrainResult) -> tuple[float, float]:
     scale = float(flat.pow(2).mean().sqrt().clamp_min(1e-30))
     param = max(float((got.params[n].to(w.dtype) - w).pow(2).mean().sqrt()) / scale for n, w in ref.params.items())
     return loss, param
+
+
+def runnable(base: C.RunConfig, layouts: list[dict]) -> list[dict]:
+    """The layouts that this model and batch allow; each one left out is logged with the reason."""
+    keep = []
+    for layout in layouts:
+        try:
+            layout_config(base, layout)
+            keep.append(layout)
+        except ConfigError as e:
+            log.warning("skipping %s: %s", layout_name(layout), e)
+    return keep
 
 
 def run_verify(base: C.RunConfig, layouts: list[dict], tol: float, progress: bool = True) -> list[dict]:

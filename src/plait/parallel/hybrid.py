@@ -114,11 +114,13 @@ class ParallelModel:
         """As clip_grads, over this rank's slices (ZeRO), their squares summed over dp too."""
         sharded = self.tp.sharded if self.tp is not None else {}
         name = {id(p): n for n, p in self.module.named_parameters()}
-        segs = self.grad_sync.segments
+        copy = self.module.lm_head.weight if self.tied and self.module.lm_head is not None else None
+        segs = [(s, src) for s, src in self.grad_sync.segments if src is not copy]
+        copies = tuple(s for s, src in self.grad_sync.segments if src is copy)
         pp_group = self.groups.pp if self.pipeline is not None else None
         return clip_grad_norm([s for s, src in segs if name[id(src)] in sharded],
                               [s for s, src in segs if name[id(src)] not in sharded], max_norm,
-                              self.tp.group if self.tp is not None else None, pp_group, dp_group=self.groups.dp)
+                              self.tp.group if self.tp is not None else None, pp_group, copies, self.groups.dp)
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by name, on CPU (collective over tp and pp)."""
