@@ -229,3 +229,12 @@ def test_schedule_bad_input(args, field):
     r = plait("schedule", *args)
     assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_zero_reports_speed_and_model_state_bytes(corpus_file):
+    r = plait("bench", "zero", *tiny_args(corpus_file), "--nproc", "2", "--iters", "5", "--warmup", "1",
+              "--zero", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"] == "torch ZeroRedundancyOptimizer + DDP" and d["zero"] == 2
+    assert d["ours_state_bytes"] < d["torch_state_bytes"]  # ZeRO-2 also shards the gradients

@@ -66,7 +66,7 @@ def test_bad_override_names_field_and_valid_values(item, field, fragment):
     (["parallel.tp=2", "model.ffn_hidden=101"], 2, "model.ffn_hidden", "divisible by parallel.tp=2"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=33"], 2, "model.seq_len",
      "under sequence parallel"),
-    (["parallel.zero=1"], 2, "parallel.zero", "not supported yet"),
+    (["parallel.zero=3"], 2, "parallel.zero", "not supported yet"),
     (["model.vocab=100"], 1, "model.vocab", ">= 256"),
 ])
 def test_validation_errors(sets, nproc, field, fragment):
@@ -107,3 +107,26 @@ def test_pipeline_validation(sets, nproc, field, fragment):
 
 def test_stage_layers_accepts_colons_for_layout_strings():
     assert C.load(None, ["parallel.stage_layers=1:3"]).parallel.stage_layers == (1, 3)
+
+
+@pytest.mark.parametrize("sets, nproc, field, fragment", [
+    (["parallel.zero=1", "parallel.dp=1"], 1, "parallel.zero", "needs dp > 1"),
+    (["parallel.zero=3"], 2, "parallel.zero", "not supported yet"),
+    (["parallel.zero=2", "parallel.pp=2", "parallel.dp=2", "train.micro_batch=2"], 4, "parallel.zero", "use zero=1"),
+])
+def test_zero_validation(sets, nproc, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        C.resolve(C.load(None, sets), nproc)
+    assert e.value.field == field and fragment in str(e.value)
+
+
+def test_standard_verify_matrix():
+    from plait.verify import parse_layouts, runnable, standard_matrix
+
+    layouts = parse_layouts(standard_matrix())
+    names = [",".join(f"{k}={v}" for s in lay.values() for k, v in s.items()) for lay in layouts]
+    assert len(names) == 43 and names[-1] == "dp=2,tp=2,pp=2"
+    assert "dp=2,tp=1,pp=2,zero=3,schedule=zb" in names and "dp=1,tp=4,pp=1" in names
+    base = C.load(None, ["train.micro_batch=2", "model.flavour=llama", "model.layers=8"])
+    kept = runnable(base, layouts)
+    assert len(kept) == 43 - 7  # zero=3 (not built yet) is the only thing llama with 8 layers cannot run
