@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="output folder (default: runs/<date-time>); must not hold a run")
     train.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     train.add_argument("--sample", type=int, default=300, help="bytes of text to generate at the end")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build the layout on the meta device and print per-rank model-state bytes; no training")
     train.add_argument("--timeline", type=int, default=0, metavar="STEP",
                        help="record pipeline step STEP: timeline.png/.json, measured beside simulated")
     verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
@@ -137,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
+    if args.dry_run:
+        return _dry_run(cfg, nproc)
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
     out = out_dir(args.out, check=rank == 0)
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
@@ -151,6 +155,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run_local(train_worker, nproc, (cfg, opts))[0]
     if result is not None:
         _report(result)
+    return 0
+
+
+def _dry_run(cfg: C.RunConfig, nproc: int) -> int:
+    from .dryrun import dry_run_worker, format_rows
+    from .launch import run_local
+
+    p = cfg.parallel
+    print(f"layout dp={p.dp} tp={p.tp} pp={p.pp} zero={p.zero}: model-state bytes per rank (fp32 AdamW)")
+    print(format_rows(run_local(dry_run_worker, nproc, (cfg,), timeout_s=600)))
     return 0
 
 

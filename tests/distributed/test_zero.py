@@ -40,3 +40,16 @@ def test_model_state_bytes_follow_the_formula(corpus_file, tmp_path, zero, dp):
     states = row["mem_params_bytes"] + row["mem_grads_bytes"] + row["mem_optimizer_bytes"]
     want = _formula(zero, dp, num_params(build_model(cfg.model)))
     assert abs(states / want - 1) < 0.10, (states, want)
+
+
+@pytest.mark.parametrize("layout", ["dp=2", "dp=2,zero=1", "dp=2,zero=2", "tp=2", "pp=2", "dp=2,tp=2,zero=2"])
+def test_dry_run_agrees_with_a_real_run(corpus_file, tmp_path, layout):
+    from plait.dryrun import dry_run_worker
+
+    cfg, nproc = layout_config(tiny_config(corpus_file, "model.layers=4", "train.steps=1", "model.vocab=257"),
+                               parse_layouts(layout)[0])
+    dry = run_local(dry_run_worker, nproc, (cfg,))[0]
+    run_local(train_worker, nproc, (cfg, RunOptions(out=tmp_path, progress=False)))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for kind in ("params", "grads", "optimizer"):
+        assert abs(dry[kind] / row[f"mem_{kind}_bytes"] - 1) < 0.05, (kind, dry[kind], row[f"mem_{kind}_bytes"])

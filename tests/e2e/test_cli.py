@@ -238,3 +238,12 @@ def test_bench_zero_reports_speed_and_model_state_bytes(corpus_file):
     d = json.loads(r.stdout)
     assert d["baseline"] == "torch ZeroRedundancyOptimizer + DDP" and d["zero"] == 2
     assert d["ours_state_bytes"] < d["torch_state_bytes"]  # ZeRO-2 also shards the gradients
+
+
+def test_dry_run_prints_per_rank_breakdown_and_trains_nothing(tmp_path):
+    out = tmp_path / "never"
+    r = plait("train", "--dry-run", "--tp", "2", "--dp", "2", "--nproc", "4", "--zero", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "zero=1" in lines[0] and "params MB" in lines[1] and len(lines) == 3 + 4
+    assert not out.exists()

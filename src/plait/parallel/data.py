@@ -135,6 +135,10 @@ class DataParallel:
     def grad_bytes(self) -> int:
         return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
 
+    def steady_grad_bytes(self) -> int:
+        """Gradient bytes held between steps (the buckets)."""
+        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+
     def begin_step(self) -> None:
         """Before the step's first backward: nothing for plain data parallel (ZeRO-2 allocates)."""
 

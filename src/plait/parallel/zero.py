@@ -110,8 +110,15 @@ class ZeroDataParallel(DataParallel):
         """Gradient bytes held now: the full buckets (stage 1, or stage 2 during a step) and the
         separate slices of stage 2."""
         full = sum(b.buffer.untyped_storage().nbytes() for b in self.buckets)
-        slices = sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets) if self.stage >= 2 else 0
-        return full + slices
+        if self.stage < 2:  # the slices are views into the full buckets
+            return full
+        return full + sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets)
+
+    def steady_grad_bytes(self) -> int:
+        """Gradient bytes held between steps: the full buckets (stage 1) or the slices (stage 2)."""
+        if self.stage >= 2:
+            return sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets)
+        return super().steady_grad_bytes()
 
     def optimizer_params(self) -> list[nn.Parameter]:
         return [seg for seg, _ in self.segments]
