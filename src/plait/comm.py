@@ -127,80 +127,37 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _conjugate(name: str, forward, backward) -> type:
+    """An autograd Function over one group: ``forward(x, group)``, and ``backward(grad, group)``
+    for the gradient of x."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):  # a copy: the incoming gradient may be shared, e.g. the caller's own
-        return _all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.contiguous(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_dim(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_dim(grad, ctx.group, -1), None
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-class _ScatterLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_dim(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim(grad, ctx.group, -1), None
+def _all_reduce_copy(grad: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce a copy: the incoming gradient may be shared, e.g. the caller's own."""
+    return _all_reduce(grad.clone(memory_format=torch.contiguous_format), group)
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_dim(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_dim(grad, ctx.group, 1), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter_dim(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim(grad, ctx.group, 1), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_dim(x, group, 1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim(grad, ctx.group, 1), None
+_CopyToTP = _conjugate("CopyToTP", _identity, _all_reduce_copy)
+_ReduceFromTP = _conjugate("ReduceFromTP", lambda x, g: _all_reduce(x.contiguous(), g), _identity)
+_GatherLast = _conjugate("GatherLast", lambda x, g: all_gather_dim(x, g, -1), lambda d, g: split_dim(d, g, -1))
+_ScatterLast = _conjugate("ScatterLast", lambda x, g: split_dim(x, g, -1), lambda d, g: all_gather_dim(d, g, -1))
+_GatherSeq = _conjugate("GatherSeq", lambda x, g: all_gather_dim(x, g, 1), lambda d, g: reduce_scatter_dim(d, g, 1))
+_ReduceScatterSeq = _conjugate("ReduceScatterSeq", lambda x, g: reduce_scatter_dim(x, g, 1),
+                               lambda d, g: all_gather_dim(d, g, 1))
+_ScatterSeq = _conjugate("ScatterSeq", lambda x, g: split_dim(x, g, 1), lambda d, g: all_gather_dim(d, g, 1))
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:

@@ -68,6 +68,18 @@ def test_bad_override_names_field_and_valid_values(item, field, fragment):
      "under sequence parallel"),
     (["parallel.zero=3"], 2, "parallel.zero", "not supported yet"),
     (["model.vocab=100"], 1, "model.vocab", ">= 256"),
+    (["parallel.pp=4", "model.layers=3"], 4, "model.layers", "at least pp x virtual_stages = 4 x 1"),
+    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=3", "model.layers=4"], 2,
+     "model.layers", "2 x 3 = 6"),
+    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.micro_batch=4",
+      "train.global_batch=12"], 2, "parallel.microbatches", "multiple of pp=2"),
+    (["parallel.pp=2", "parallel.schedule=pipedream"], 2, "parallel.schedule", "gpipe, 1f1b, interleaved, zb"),
+    (["parallel.pp=2", "parallel.virtual_stages=2"], 2, "parallel.virtual_stages", "only the interleaved"),
+    (["parallel.pp=2", "parallel.stage_layers=1,2"], 2, "parallel.stage_layers", "summing to model.layers=4"),
+    (["parallel.pp=2", "parallel.microbatches=3"], 2, "parallel.microbatches", "global_batch / (dp x micro_batch)"),
+    (["parallel.zero=1", "parallel.dp=1"], 1, "parallel.zero", "needs dp > 1"),
+    (["parallel.zero=3"], 2, "parallel.zero", "not supported yet"),
+    (["parallel.zero=2", "parallel.pp=2", "parallel.dp=2", "train.micro_batch=2"], 4, "parallel.zero", "use zero=1"),
 ])
 def test_validation_errors(sets, nproc, field, fragment):
     with pytest.raises(ConfigError) as e:
@@ -87,37 +99,8 @@ def test_configs_are_frozen():
         C.RunConfig().train.steps = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("sets, nproc, field, fragment", [
-    (["parallel.pp=4", "model.layers=3"], 4, "model.layers", "at least pp x virtual_stages = 4 x 1"),
-    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=3", "model.layers=4"], 2,
-     "model.layers", "2 x 3 = 6"),
-    (["parallel.pp=2", "parallel.schedule=interleaved", "parallel.virtual_stages=2", "train.micro_batch=4",
-      "train.global_batch=12"], 2, "parallel.microbatches", "multiple of pp=2"),
-    (["parallel.pp=2", "parallel.schedule=pipedream"], 2, "parallel.schedule", "gpipe, 1f1b, interleaved, zb"),
-    (["parallel.pp=2", "parallel.virtual_stages=2"], 2, "parallel.virtual_stages", "only the interleaved"),
-    (["parallel.pp=2", "parallel.stage_layers=1,2"], 2, "parallel.stage_layers", "summing to model.layers=4"),
-    (["parallel.pp=2", "parallel.microbatches=3"], 2, "parallel.microbatches", "global_batch / (dp x micro_batch)"),
-])
-def test_pipeline_validation(sets, nproc, field, fragment):
-    with pytest.raises(ConfigError) as e:
-        C.resolve(C.load(None, sets), nproc)
-    assert e.value.field == field, str(e.value)
-    assert fragment in str(e.value)
-
-
 def test_stage_layers_accepts_colons_for_layout_strings():
     assert C.load(None, ["parallel.stage_layers=1:3"]).parallel.stage_layers == (1, 3)
-
-
-@pytest.mark.parametrize("sets, nproc, field, fragment", [
-    (["parallel.zero=1", "parallel.dp=1"], 1, "parallel.zero", "needs dp > 1"),
-    (["parallel.zero=3"], 2, "parallel.zero", "not supported yet"),
-    (["parallel.zero=2", "parallel.pp=2", "parallel.dp=2", "train.micro_batch=2"], 4, "parallel.zero", "use zero=1"),
-])
-def test_zero_validation(sets, nproc, field, fragment):
-    with pytest.raises(ConfigError) as e:
-        C.resolve(C.load(None, sets), nproc)
-    assert e.value.field == field and fragment in str(e.value)
 
 
 def test_standard_verify_matrix():
