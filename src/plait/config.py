@@ -309,7 +309,6 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
             "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
             f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
         )
-    _not_yet("parallel.zero", p.zero, p.zero == 3, "ZeRO-3 (parameter sharding)")
     if p.zero and p.dp == 1:
         raise ConfigError("parallel.zero", p.zero, "shards over data parallel: needs dp > 1 (dp is 1); use zero=0")
 

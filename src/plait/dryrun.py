@@ -26,7 +26,7 @@ def dry_run_worker(cfg: RunConfig) -> dict:
     with torch.device("meta"):
         model = build_model(cfg.model).to(dtype=param_dtype(cfg))
     pm = parallelize(model, groups, cfg)
-    params = tensor_bytes(pm.module.parameters())
+    params = pm.grad_sync.param_bytes()
     grads = pm.grad_sync.steady_grad_bytes()
     optimizer = 2 * tensor_bytes(pm.optimizer_params())  # AdamW: exp_avg and exp_avg_sq
     c = groups.coord

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_zero_layouts_match_one_process(corpus_file, flavour):
     layouts = ["dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=2,micro_batch=1", "dp=4,zero=1,micro_batch=1",
-               "dp=2,tp=2,zero=2"]
+               "dp=2,tp=2,zero=2", "dp=2,zero=3", "dp=2,zero=3,micro_batch=1", "dp=4,zero=3,micro_batch=1",
+               "dp=2,tp=2,zero=3", "dp=2,tp=2,zero=1,sequence_parallel=true",
+               "dp=2,tp=2,zero=2,sequence_parallel=true", "dp=2,tp=2,zero=3,sequence_parallel=true"]
     if flavour == "llama":
-        layouts.append("dp=2,pp=2,zero=2")
+        layouts += ["dp=2,pp=2,zero=2", "dp=2,pp=2,zero=3", "dp=2,pp=2,zero=3,schedule=zb"]
     base = tiny_config(corpus_file, f"model.flavour={flavour}", "model.layers=4", "train.dtype=float64",
                        "train.steps=3", "model.vocab=257")
     rows = run_verify(base, parse_layouts(";".join(layouts)), tol=1e-9, progress=False)
@@ -27,11 +29,11 @@ def test_zero_layouts_match_one_process(corpus_file, flavour):
 
 def _formula(zero: int, dp: int, psi: int) -> float:
     """fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per parameter (REFERENCE.md)."""
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / dp, 2: 4 * psi + 12 * psi / dp}[zero]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / dp, 2: 4 * psi + 12 * psi / dp, 3: 16 * psi / dp}[zero]
 
 
 @pytest.mark.parametrize("dp", [2, 4])
-@pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_model_state_bytes_follow_the_formula(corpus_file, tmp_path, zero, dp):
     cfg, nproc = layout_config(tiny_config(corpus_file, "model.hidden=64", "train.steps=2"),
                                parse_layouts(f"dp={dp},zero={zero},micro_batch=1")[0])
@@ -42,7 +44,8 @@ def test_model_state_bytes_follow_the_formula(corpus_file, tmp_path, zero, dp):
     assert abs(states / want - 1) < 0.10, (states, want)
 
 
-@pytest.mark.parametrize("layout", ["dp=2", "dp=2,zero=1", "dp=2,zero=2", "tp=2", "pp=2", "dp=2,tp=2,zero=2"])
+@pytest.mark.parametrize("layout", ["dp=2", "dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=3", "tp=2", "pp=2",
+                                    "dp=2,tp=2,zero=2", "dp=2,tp=2,zero=3"])
 def test_dry_run_agrees_with_a_real_run(corpus_file, tmp_path, layout):
     from plait.dryrun import dry_run_worker
 

@@ -135,6 +135,15 @@ class DataParallel:
     def grad_bytes(self) -> int:
         return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
 
+    def param_bytes(self) -> int:
+        """Parameter bytes held (ZeRO-3: the slices)."""
+        return sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The whole local model readable (a no-op here; ZeRO-3 gathers its parameters)."""
+        yield
+
     def steady_grad_bytes(self) -> int:
         """Gradient bytes held between steps (the buckets)."""
         return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)

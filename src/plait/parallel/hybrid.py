@@ -24,6 +24,7 @@ from .data import DataParallel
 from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads
 from .tensor import TensorParallel, apply_tensor_parallel
 from .zero import ZeroDataParallel
+from .zero3 import Zero3
 
 
 @dataclass
@@ -66,6 +67,10 @@ class ParallelModel:
     @torch.no_grad()
     def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
         """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss)."""
+        with self.grad_sync.gathered():
+            return self._loss_sum(micro, autocast)
+
+    def _loss_sum(self, micro: list, autocast) -> torch.Tensor:
         if self.pipeline is not None:
             outs = self.pipeline.forward_only(StepContext(micro, self.loss, autocast))
             return sum((self.loss(o, y, "sum") for o, (_, y) in zip(outs, micro)), torch.zeros(()))
@@ -86,9 +91,18 @@ class ParallelModel:
         """After the last backward of a step: mean over dp, sp partial sums over tp, tied copies summed."""
         self.grad_sync.finish()
         if self.tp is not None:
-            self.tp.finish_grads()
+            self.tp.finish_grads(self._sp_slices())
         if self.tied:
             sum_tied_grads(self.module, self.groups.embed)
+
+    def _sp_slices(self) -> list[torch.Tensor] | None:
+        """Under ZeRO the full gradients are gone (or stale) after the dp reduction: the sequence-
+        parallel sum over tp is applied to the slices instead (sums over dp and tp commute)."""
+        segments = getattr(self.grad_sync, "segments", None)
+        if segments is None:
+            return None
+        wanted = {id(p) for p in self.tp.sp_replicated}
+        return [seg.grad for seg, src in segments if id(src) in wanted]
 
     def optimizer_params(self) -> list[nn.Parameter]:
         """What the optimizer updates: the local parameters, or under ZeRO this rank's slices."""
@@ -100,7 +114,7 @@ class ParallelModel:
 
     def clip_grads(self, max_norm: float) -> float:
         """Global-norm clip: tp shards summed over tp, stages summed over pp, every weight once."""
-        if isinstance(self.grad_sync, ZeroDataParallel):
+        if isinstance(self.grad_sync, (ZeroDataParallel, Zero3)):
             return self._clip_zero(max_norm)
         sharded = self.tp.sharded if self.tp is not None else {}
         copy = self.tied and self.module.lm_head is not None  # the last stage's copy of the tied weight
@@ -123,7 +137,11 @@ class ParallelModel:
                               self.tp.group if self.tp is not None else None, pp_group, copies, self.groups.dp)
 
     def full_params(self) -> dict[str, torch.Tensor]:
-        """The whole model's parameters by name, on CPU (collective over tp and pp)."""
+        """The whole model's parameters by name, on CPU (collective over tp and pp; ZeRO-3: dp)."""
+        with self.grad_sync.gathered():
+            return self._full_params()
+
+    def _full_params(self) -> dict[str, torch.Tensor]:
         if self.tp is not None:
             params = self.tp.full_params(self.module)
         else:
@@ -139,6 +157,10 @@ class ParallelModel:
 
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary on every rank (for sampling; collective over tp, pp)."""
+        with self.grad_sync.gathered():
+            return self._full_logits(tokens)
+
+    def _full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pipeline is not None:
             logits = self._pipeline_logits(tokens)
         else:
@@ -184,5 +206,10 @@ def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelMod
         if tp is not None:  # forget what now lives on other stages
             local = {id(q) for q in model.parameters()}
             tp.sp_replicated = [q for q in tp.sp_replicated if id(q) in local]
-    sync = ZeroDataParallel(model, groups.dp, p.zero) if p.zero else DataParallel(model, groups.dp)
+    if p.zero == 3:
+        sync = Zero3(model, groups.dp)
+    elif p.zero:
+        sync = ZeroDataParallel(model, groups.dp, p.zero)
+    else:
+        sync = DataParallel(model, groups.dp)
     return ParallelModel(model, groups, sync, tp, pipeline, tied and p.pp > 1)

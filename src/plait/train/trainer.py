@@ -26,7 +26,7 @@ from ..parallel.hybrid import parallelize
 from ..topology import Topology, build_groups, setup_logging
 from .checkpoint import Checkpointer
 from .data import Corpus, Sampler, load_corpus, val_batches
-from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes, tensor_bytes
+from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes
 from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Trainer:
     def memory(self) -> dict[str, int]:
         """Bytes per rank by kind, counted from the tensors themselves."""
         return {
-            "params": tensor_bytes(self.model.parameters()),
+            "params": self.pm.grad_sync.param_bytes(),
             "grads": self.pm.grad_sync.grad_bytes(),
             "optimizer": optimizer_bytes(self.optimizer),
             "activations": self.activation_peak,
@@ -192,8 +192,9 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
             writer.write(row)
         if ckpt.due(row["step"], steps):
             optimizer = None if cfg.parallel.zero else trainer.optimizer  # ZeRO slices: not yet checkpointed
-            ckpt.save(row["step"], trainer.model, optimizer, {"sampler": trainer.sampler.state_dict()},
-                      trainer.pm.checkpoint_shards())
+            with trainer.pm.grad_sync.gathered():
+                ckpt.save(row["step"], trainer.model, optimizer, {"sampler": trainer.sampler.state_dict()},
+                          trainer.pm.checkpoint_shards())
     ckpt.wait()
     if writer:
         writer.close()

@@ -1,0 +1,215 @@
+"""ZeRO-3 over the dp group (Rajbhandari et al. 2020, §5.3): parameters sharded too.
+
+Units: every transformer block, and a root unit with everything else (embeddings, final norm,
+output layer). Each unit keeps only this rank's slice of its flat parameters between uses.
+
+- forward: a block's parameters are all-gathered over dp just before it runs and freed right
+  after (the storage is released; tensors saved for backward keep pointing at it).
+- backward: a hook on the block's output all-gathers the parameters again before the block's
+  backward; once all its gradients are accumulated they are reduce-scattered (mean) over dp into
+  this rank's slice, and the full parameters and gradients are freed.
+- the root unit is gathered for the whole step (its embedding is tied to the output layer in
+  gpt2) and reduce-scattered at the end.
+- optimizer: AdamW on this rank's slices, as in ZeRO-1/2; nothing to gather after the step.
+
+Model states per rank with fp32 AdamW: 16/dp bytes a parameter. Traffic: 1.5x data parallel's
+(parameters gathered twice, gradients reduce-scattered once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Unit:
+    params: list[nn.Parameter]
+    full: torch.Tensor  # flat, padded; storage released while the unit is not in use
+    alias: torch.Tensor  # the same storage with its own version counter: collectives write here, so
+    #                      tensors autograd saved from ``full`` are not seen as modified in place
+    grad: torch.Tensor  # flat full gradient; storage released between backwards
+    shard: torch.Tensor  # this rank's slice of the parameters (persistent)
+    shard_grad: torch.Tensor  # this rank's slice of the gradient (persistent)
+    pending: int = 0
+    gathered: bool = False
+    keep: bool = False  # the root unit: gathered for the whole step
+    hooks: list = field(default_factory=list)
+
+
+def _release(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _restore(t: torch.Tensor) -> None:
+    if t.untyped_storage().size() == 0:
+        t.untyped_storage().resize_(t.numel() * t.element_size())
+
+
+class Zero3:
+    """Parameter, gradient and optimizer-state sharding over ``group`` (see the module docstring)."""
+
+    stage = 3
+
+    def __init__(self, module: nn.Module, group):
+        self.module, self.group = module, group
+        self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        blocks = list(module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks)
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        rest = [p for p in module.parameters() if id(p) not in in_blocks]
+        self.units = [self._unit(list(b.parameters())) for b in blocks]
+        self.root = self._unit(rest) if rest else None
+        if self.root is not None:
+            self.root.keep = True
+        for block, unit in zip(blocks, self.units):
+            block.register_forward_pre_hook(lambda _m, _a, u=unit: self._gather(u))
+            block.register_forward_hook(lambda _m, _a, out, u=unit: self._after_forward(u, out))
+        for unit in self.units + ([self.root] if self.root else []):
+            for p in unit.params:
+                p.register_post_accumulate_grad_hook(lambda _p, u=unit: self._grad_ready(u))
+        self.segments = [seg for u in self.all_units for seg in self._segments(u)]
+
+    @property
+    def all_units(self) -> list[Unit]:
+        return self.units + ([self.root] if self.root is not None else [])
+
+    def _unit(self, params: list[nn.Parameter]) -> Unit:
+        total = sum(p.numel() for p in params)
+        padded = -(-total // self.dp) * self.dp
+        kind = {"dtype": params[0].dtype, "device": params[0].device}
+        full, size = torch.zeros(padded, **kind), padded // self.dp
+        offset = 0
+        for p in params:
+            view = full[offset:offset + p.numel()]
+            view.copy_(p.detach().flatten())
+            p.data = view.view_as(p)
+            offset += p.numel()
+        alias = torch.empty(0, **kind).set_(full.untyped_storage(), 0, full.shape)
+        unit = Unit(params, full, alias, torch.zeros(padded, **kind),
+                    full[self.rank * size:(self.rank + 1) * size].clone(), torch.zeros(size, **kind))
+        _release(unit.full)
+        _release(unit.grad)
+        return unit
+
+    def _segments(self, u: Unit) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        size = len(u.shard)
+        lo, hi = self.rank * size, (self.rank + 1) * size
+        out, offset = [], 0
+        for p in u.params:
+            a, z = max(lo, offset), min(hi, offset + p.numel())
+            if a < z:
+                seg = nn.Parameter(u.shard[a - lo:z - lo])
+                seg.grad = u.shard_grad[a - lo:z - lo]
+                out.append((seg, p))
+            offset += p.numel()
+        return out
+
+    # ---------------------------------------------------------------- gather / free
+
+    def _gather(self, u: Unit) -> None:
+        """forward and backward: all-gather the unit's parameters over dp (no-op if gathered)."""
+        if u.gathered:
+            return
+        _restore(u.full)
+        dist.all_gather_single(u.alias, u.shard, group=self.group)
+        u.gathered = True
+
+    def _free(self, u: Unit) -> None:
+        if u.gathered and not u.keep:
+            _release(u.full)
+            u.gathered = False
+
+    def _after_forward(self, u: Unit, out: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(lambda g, u=u: (self._gather(u), self._prepare_grads(u), g)[-1])
+        self._free(u)
+
+    def _prepare_grads(self, u: Unit) -> None:
+        """Before the unit's backward: a zeroed full gradient buffer that .grad views into."""
+        if u.grad.untyped_storage().size() == 0:
+            _restore(u.grad)
+            u.grad.zero_()
+            offset = 0
+            for p in u.params:
+                p.grad = u.grad[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        u.pending = len(u.params)
+
+    def _grad_ready(self, u: Unit) -> None:
+        u.pending -= 1
+        if u.pending == 0 and not u.keep:
+            self._reduce(u)
+            self._free(u)
+
+    def _reduce(self, u: Unit) -> None:
+        """backward: reduce-scatter (mean) the unit's full gradient over dp into this rank's slice."""
+        part = torch.empty_like(u.shard_grad)
+        u.grad.div_(self.dp)
+        dist.reduce_scatter_single(part, u.grad, group=self.group)
+        u.shard_grad.add_(part)
+        for p in u.params:
+            p.grad = None
+        _release(u.grad)
+
+    # ---------------------------------------------------------------- the step, as DataParallel's
+
+    def begin_step(self) -> None:
+        if self.root is not None:
+            self._gather(self.root)
+            self._prepare_grads(self.root)
+
+    def no_sync(self):
+        return contextlib.nullcontext()  # each micro-batch's gradients are reduce-scattered at once
+
+    def finish(self) -> None:
+        for u in self.units:  # units whose backward did not run (or not every parameter took part)
+            if u.grad.untyped_storage().size():
+                self._reduce(u)
+            self._free(u)
+        if self.root is not None:
+            self._reduce(self.root)
+            self.root.keep = False
+            self._free(self.root)
+            self.root.keep = True
+
+    def zero_grad(self) -> None:
+        for u in self.all_units:
+            u.shard_grad.zero_()
+
+    def after_step(self) -> None:
+        """Nothing: the next forward gathers the updated slices."""
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Every unit's full parameters, for reading the whole model (verify, checkpoints, sampling)."""
+        for u in self.all_units:
+            self._gather(u)
+        try:
+            yield
+        finally:
+            for u in self.all_units:
+                u.keep, keep = False, u.keep
+                self._free(u)
+                u.keep = keep
+
+    def optimizer_params(self) -> list[nn.Parameter]:
+        return [seg for seg, _ in self.segments]
+
+    def decays(self) -> set[int]:
+        return {id(seg) for seg, src in self.segments if src.dim() >= 2}
+
+    def grad_bytes(self) -> int:
+        return sum(u.shard_grad.numel() * u.shard_grad.element_size() + u.grad.untyped_storage().nbytes()
+                   for u in self.all_units)
+
+    def steady_grad_bytes(self) -> int:
+        return sum(u.shard_grad.numel() * u.shard_grad.element_size() for u in self.all_units)
+
+    def param_bytes(self) -> int:
+        """Parameter bytes held between steps: the slices (plus any unit gathered now)."""
+        return sum(u.shard.numel() * u.shard.element_size() + u.full.untyped_storage().nbytes()
+                   for u in self.all_units)
