@@ -117,7 +117,7 @@ def _plait(cfg: RunConfig, groups, device) -> Contender:
     opt = build_optimizer(pm.optimizer_params(), cfg.train, pm.grad_sync.decays())
     c = Contender(pm.module, opt, pm.loss, pm.finish_grads, pm.grad_sync.no_sync, pm.grad_sync.zero_grad,
                   step=pm.forward_backward, after=pm.after_step)
-    c.grad_bytes = pm.grad_sync.grad_bytes
+    c.grad_bytes, c.param_bytes = pm.grad_sync.grad_bytes, pm.grad_sync.param_bytes
     return c
 
 
@@ -231,6 +231,36 @@ def _torch_pipeline_step(schedule, chunk, micro: list) -> None:
         schedule.step()
 
 
+def _local_bytes(tensors) -> int:
+    """Bytes this rank holds, DTensors counted by their local shard."""
+    return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
+
+
+def _fsdp_contender(cfg: RunConfig, groups, device) -> tuple[Contender, Callable[[], int]]:
+    """PyTorch's ZeRO-3: fully_shard on every block, then on the whole model, over the dp mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _fresh_model(cfg, device)
+    for block in model.blocks:
+        fully_shard(block, mesh=groups.mesh["dp"])
+    fully_shard(model, mesh=groups.mesh["dp"])
+    opt = build_optimizer(model.parameters(), cfg.train)
+
+    @contextlib.contextmanager
+    def no_sync():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    def states() -> int:  # parameters, their sharded gradients (alive from backward to zero_grad), moments
+        moments = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        return 2 * _local_bytes(model.parameters()) + _local_bytes(moments)
+
+    return Contender(model, opt, _ce, no_sync=no_sync), states
+
+
 def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -238,17 +268,25 @@ def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
 
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
-    t, params = cfg.train, list(ddp.parameters())
-    zro = ZeroRedundancyOptimizer([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  optimizer_class=torch.optim.AdamW, process_group=groups.dp, lr=t.lr,
-                                  betas=(0.9, 0.95), eps=1e-8, foreach=True)
-    theirs = Contender(ddp, zro, _ce, no_sync=ddp.no_sync)
+    if cfg.parallel.zero == 3:
+        theirs, torch_states = _fsdp_contender(cfg, groups, device)
+        baseline = "torch fully_shard (FSDP2)"
+    else:
+        ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
+        t, params = cfg.train, list(ddp.parameters())
+        zro = ZeroRedundancyOptimizer([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+                                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                      optimizer_class=torch.optim.AdamW, process_group=groups.dp, lr=t.lr,
+                                      betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        theirs = Contender(ddp, zro, _ce, no_sync=ddp.no_sync)
+        baseline = "torch ZeroRedundancyOptimizer + DDP"
+
+        def torch_states() -> int:
+            return 2 * tensor_bytes(params) + optimizer_bytes(zro.optim)  # params, gradients, moments
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
-    ours_bytes = tensor_bytes(ours.model.parameters()) + ours.grad_bytes() + optimizer_bytes(ours.optimizer)
-    torch_bytes = 2 * tensor_bytes(params) + optimizer_bytes(zro.optim)  # params, gradients, moments
-    out = _summary(cfg, times, "torch ZeroRedundancyOptimizer + DDP", num_params(build_model(cfg.model)))
+    ours_bytes = ours.param_bytes() + ours.grad_bytes() + optimizer_bytes(ours.optimizer)
+    torch_bytes = torch_states()
+    out = _summary(cfg, times, baseline, num_params(build_model(cfg.model)))
     if out is not None:
         out.update(zero=cfg.parallel.zero, ours_state_bytes=ours_bytes, torch_state_bytes=torch_bytes)
     return out
@@ -258,9 +296,9 @@ BENCHES = {
     # A model where gradient traffic matters: 4.8M parameters, 19 MB of fp32 gradients a step.
     "dp": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
             "train.global_batch": "16", "train.micro_batch": "8"}, _dp_worker),
-    # ZeRO-1 (--zero 2 for stage 2) on the dp bench model against ZeroRedundancyOptimizer + DDP.
+    # ZeRO-3 on the dp bench model against fully_shard; --zero 1 / 2 against ZeroRedundancyOptimizer + DDP.
     "zero": ({"model.layers": "6", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
-              "train.global_batch": "16", "train.micro_batch": "8", "parallel.zero": "1"}, _zero_worker),
+              "train.global_batch": "16", "train.micro_batch": "8", "parallel.zero": "3"}, _zero_worker),
     # 8 layers over 2 stages, 8 micro-batches of 4 sequences: 1F1B's bubble is 1/9 of the step.
     "pp": ({"model.layers": "8", "model.hidden": "256", "model.heads": "8", "model.seq_len": "128",
             "train.global_batch": "32", "train.micro_batch": "4", "parallel.pp": "2",
