@@ -340,9 +340,6 @@ def _validate_pipeline(cfg: RunConfig) -> None:
     if p.pp > 1 and p.schedule == "interleaved" and micro % p.pp:
         raise ConfigError("parallel.microbatches", micro, f"the interleaved schedule needs a multiple of pp={p.pp} "
                           "micro-batches per step (global_batch / (dp x micro_batch))")
-    if p.zero >= 2 and p.pp > 1 and m.flavour == "gpt2":
-        raise ConfigError("parallel.zero", p.zero, "zero >= 2 with pp > 1 needs untied embeddings (flavour "
-                          "llama): gpt2 ties its embedding across the first and last stage; use zero=1")
     if p.stage_layers and (len(p.stage_layers) != stages or sum(p.stage_layers) != m.layers
                            or min(p.stage_layers) < 1):
         raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),

@@ -19,8 +19,7 @@ def test_zero_layouts_match_one_process(corpus_file, flavour):
                "dp=2,tp=2,zero=2", "dp=2,zero=3", "dp=2,zero=3,micro_batch=1", "dp=4,zero=3,micro_batch=1",
                "dp=2,tp=2,zero=3", "dp=2,tp=2,zero=1,sequence_parallel=true",
                "dp=2,tp=2,zero=2,sequence_parallel=true", "dp=2,tp=2,zero=3,sequence_parallel=true"]
-    if flavour == "llama":
-        layouts += ["dp=2,pp=2,zero=2", "dp=2,pp=2,zero=3", "dp=2,pp=2,zero=3,schedule=zb"]
+    layouts += ["dp=2,pp=2,zero=1", "dp=2,pp=2,zero=2", "dp=2,pp=2,zero=3", "dp=2,pp=2,zero=3,schedule=zb"]
     base = tiny_config(corpus_file, f"model.flavour={flavour}", "model.layers=4", "train.dtype=float64",
                        "train.steps=3", "model.vocab=257")
     rows = run_verify(base, parse_layouts(";".join(layouts)), tol=1e-9, progress=False)

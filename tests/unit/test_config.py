@@ -77,7 +77,6 @@ def test_bad_override_names_field_and_valid_values(item, field, fragment):
     (["parallel.pp=2", "parallel.stage_layers=1,2"], 2, "parallel.stage_layers", "summing to model.layers=4"),
     (["parallel.pp=2", "parallel.microbatches=3"], 2, "parallel.microbatches", "global_batch / (dp x micro_batch)"),
     (["parallel.zero=1", "parallel.dp=1"], 1, "parallel.zero", "needs dp > 1"),
-    (["parallel.zero=2", "parallel.pp=2", "parallel.dp=2", "train.micro_batch=2"], 4, "parallel.zero", "use zero=1"),
 ])
 def test_validation_errors(sets, nproc, field, fragment):
     with pytest.raises(ConfigError) as e:

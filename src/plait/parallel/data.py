@@ -59,11 +59,17 @@ def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: in
 class DataParallel:
     """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
+    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
+                 isolate: nn.Parameter | None = None):
+        """``isolate``: a parameter that gets a bucket of its own, last (a tied embedding split over
+        pipeline stages: its ZeRO slices then line up between the two stages)."""
         self.module, self.group = module, group
         self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
         params = [p for p in module.parameters() if p.requires_grad]
-        groups = plan_buckets(list(reversed(params)), int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+        rest = [p for p in reversed(params) if p is not isolate]
+        groups = plan_buckets(rest, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+        groups += [[isolate]] if isolate is not None else []
+        self.isolated = isolate
         self.buckets = [self._make_bucket(ps) for ps in groups]
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._sync = True

@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..topology import Groups
 from ..train.optim import clip_grad_norm
 from .data import DataParallel
-from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads
+from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads, tied_weight
 from .tensor import TensorParallel, apply_tensor_parallel
 from .zero import ZeroDataParallel
 from .zero3 import Zero3
@@ -93,7 +93,11 @@ class ParallelModel:
         if self.tp is not None:
             self.tp.finish_grads(self._sp_slices())
         if self.tied:
-            sum_tied_grads(self.module, self.groups.embed)
+            isolated = getattr(self.grad_sync, "isolated_grad", None)
+            if isolated is not None:  # ZeRO: the two stages' slices of the tied weight line up
+                comm.all_reduce_(isolated, self.groups.embed)
+            else:
+                sum_tied_grads(self.module, self.groups.embed)
 
     def _sp_slices(self) -> list[torch.Tensor] | None:
         """Under ZeRO the full gradients are gone (or stale) after the dp reduction: the sequence-
@@ -206,10 +210,12 @@ def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelMod
         if tp is not None:  # forget what now lives on other stages
             local = {id(q) for q in model.parameters()}
             tp.sp_replicated = [q for q in tp.sp_replicated if id(q) in local]
+    split_tie = tied and p.pp > 1
+    isolate = tied_weight(model) if split_tie and p.zero else None  # its ZeRO slices must line up
     if p.zero == 3:
-        sync = Zero3(model, groups.dp)
+        sync = Zero3(model, groups.dp, isolate)
     elif p.zero:
-        sync = ZeroDataParallel(model, groups.dp, p.zero)
+        sync = ZeroDataParallel(model, groups.dp, p.zero, isolate=isolate)
     else:
         sync = DataParallel(model, groups.dp)
-    return ParallelModel(model, groups, sync, tp, pipeline, tied and p.pp > 1)
+    return ParallelModel(model, groups, sync, tp, pipeline, split_tie)

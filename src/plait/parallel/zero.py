@@ -34,6 +34,7 @@ class ZeroDataParallel(DataParallel):
         self.stage = stage
         self.rank = dist.get_rank(group)
         super().__init__(module, group, **kw)
+        self.isolated_grad = self.buckets[-1].shard_grad if self.isolated is not None else None
         self.segments = [seg for b in self.buckets for seg in self._segments(b)]
 
     def _make_bucket(self, params: list[nn.Parameter]) -> Bucket:

@@ -55,27 +55,35 @@ class Zero3:
 
     stage = 3
 
-    def __init__(self, module: nn.Module, group):
+    def __init__(self, module: nn.Module, group, isolate: nn.Parameter | None = None):
+        """``isolate``: a parameter kept in a unit of its own (see DataParallel)."""
         self.module, self.group = module, group
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         blocks = list(module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks)
         in_blocks = {id(p) for b in blocks for p in b.parameters()}
-        rest = [p for p in module.parameters() if id(p) not in in_blocks]
+        rest = [p for p in module.parameters() if id(p) not in in_blocks and p is not isolate]
         self.units = [self._unit(list(b.parameters())) for b in blocks]
         self.root = self._unit(rest) if rest else None
-        if self.root is not None:
-            self.root.keep = True
+        self.extra = [self._unit([isolate])] if isolate is not None else []
+        for unit in ([self.root] if self.root is not None else []) + self.extra:
+            unit.keep = True
+        self.isolated_grad = self.extra[0].shard_grad if self.extra else None
         for block, unit in zip(blocks, self.units):
             block.register_forward_pre_hook(lambda _m, _a, u=unit: self._gather(u))
             block.register_forward_hook(lambda _m, _a, out, u=unit: self._after_forward(u, out))
-        for unit in self.units + ([self.root] if self.root else []):
+        for unit in self.all_units:
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(lambda _p, u=unit: self._grad_ready(u))
         self.segments = [seg for u in self.all_units for seg in self._segments(u)]
 
     @property
     def all_units(self) -> list[Unit]:
-        return self.units + ([self.root] if self.root is not None else [])
+        return self.units + ([self.root] if self.root is not None else []) + self.extra
+
+    @property
+    def kept_units(self) -> list[Unit]:
+        """Gathered for the whole step: the root, and an isolated parameter's unit."""
+        return ([self.root] if self.root is not None else []) + self.extra
 
     def _unit(self, params: list[nn.Parameter]) -> Unit:
         total = sum(p.numel() for p in params)
@@ -158,9 +166,9 @@ class Zero3:
     # ---------------------------------------------------------------- the step, as DataParallel's
 
     def begin_step(self) -> None:
-        if self.root is not None:
-            self._gather(self.root)
-            self._prepare_grads(self.root)
+        for unit in self.kept_units:
+            self._gather(unit)
+            self._prepare_grads(unit)
 
     def no_sync(self):
         return contextlib.nullcontext()  # each micro-batch's gradients are reduce-scattered at once
@@ -170,11 +178,11 @@ class Zero3:
             if u.grad.untyped_storage().size():
                 self._reduce(u)
             self._free(u)
-        if self.root is not None:
-            self._reduce(self.root)
-            self.root.keep = False
-            self._free(self.root)
-            self.root.keep = True
+        for unit in self.kept_units:
+            self._reduce(unit)
+            unit.keep = False
+            self._free(unit)
+            unit.keep = True
 
     def zero_grad(self) -> None:
         for u in self.all_units:
