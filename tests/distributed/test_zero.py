@@ -55,3 +55,12 @@ def test_dry_run_agrees_with_a_real_run(corpus_file, tmp_path, layout):
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for kind in ("params", "grads", "optimizer"):
         assert abs(dry[kind] / row[f"mem_{kind}_bytes"] - 1) < 0.05, (kind, dry[kind], row[f"mem_{kind}_bytes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 3])
+def test_eight_processes_dp_tp_pp(corpus_file, zero):
+    """The 3-D layout of the standard matrix: dp=2 x tp=2 x pp=2 on 8 processes."""
+    base = tiny_config(corpus_file, "model.layers=4", "train.dtype=float64", "train.steps=2")
+    rows = run_verify(base, parse_layouts(f"dp=2,tp=2,pp=2,zero={zero}"), tol=1e-9, progress=False)
+    assert rows[0]["nproc"] == 8 and rows[0]["ok"], rows
