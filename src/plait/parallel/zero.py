@@ -58,18 +58,8 @@ class ZeroDataParallel(DataParallel):
         return bucket
 
     def _segments(self, b: Bucket) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(segment, source) for each parameter overlapping this rank's slice of bucket ``b``."""
         size = len(b.shard_grad)
-        lo, hi = self.rank * size, (self.rank + 1) * size
-        out, offset = [], 0
-        for p in b.params:
-            a, z = max(lo, offset), min(hi, offset + p.numel())
-            if a < z:
-                seg = nn.Parameter(b.flat[a:z])  # shares storage with the model's parameter
-                seg.grad = b.shard_grad[a - lo:z - lo]
-                out.append((seg, p))
-            offset += p.numel()
-        return out
+        return owned_segments(b.params, b.flat[self.rank * size:(self.rank + 1) * size], b.shard_grad, self.rank)
 
     def _launch(self, b: Bucket) -> None:
         if self.stage < 2:
@@ -127,3 +117,20 @@ class ZeroDataParallel(DataParallel):
     def decays(self) -> set[int]:
         """ids of the segments whose source parameter takes weight decay (two or more dims)."""
         return {id(seg) for seg, src in self.segments if src.dim() >= 2}
+
+
+def owned_segments(params: list[nn.Parameter], values: torch.Tensor, grads: torch.Tensor,
+                   rank: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(segment, source) for each of ``params`` (laid out flat, in order) that overlaps rank
+    ``rank``'s slice; ``values`` and ``grads`` are that slice. Segments share their storage."""
+    size = len(values)
+    lo, hi = rank * size, (rank + 1) * size
+    out, offset = [], 0
+    for p in params:
+        a, z = max(lo, offset), min(hi, offset + p.numel())
+        if a < z:
+            seg = nn.Parameter(values[a - lo:z - lo])
+            seg.grad = grads[a - lo:z - lo]
+            out.append((seg, p))
+        offset += p.numel()
+    return out

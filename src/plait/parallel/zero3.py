@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .zero import owned_segments
+
 
 @dataclass
 class Unit:
@@ -104,17 +106,7 @@ class Zero3:
         return unit
 
     def _segments(self, u: Unit) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        size = len(u.shard)
-        lo, hi = self.rank * size, (self.rank + 1) * size
-        out, offset = [], 0
-        for p in u.params:
-            a, z = max(lo, offset), min(hi, offset + p.numel())
-            if a < z:
-                seg = nn.Parameter(u.shard[a - lo:z - lo])
-                seg.grad = u.shard_grad[a - lo:z - lo]
-                out.append((seg, p))
-            offset += p.numel()
-        return out
+        return owned_segments(u.params, u.shard, u.shard_grad, self.rank)
 
     # ---------------------------------------------------------------- gather / free
 
