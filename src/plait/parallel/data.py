@@ -33,6 +33,8 @@ class Bucket:
     pending: int = 0  # gradients not yet final in this backward
     ready: bool = False  # every gradient final; launched once all earlier buckets are
     work: object | None = None  # the async all-reduce in flight
+    flat: torch.Tensor | None = None  # ZeRO: the parameters, flat (each p.data is a view)
+    shard_grad: torch.Tensor | None = None  # ZeRO: this rank's slice of the reduced gradient
 
 
 def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int) -> list[list[nn.Parameter]]:

@@ -87,6 +87,7 @@ class Trainer:
         self.amp = autocast_dtype(cfg, device)
         self.meter = ActivationMeter(self.model)
         self.activation_peak = 0
+        self.mem: dict[str, int] | None = None  # bytes by kind, counted once after the first step
 
     def _autocast(self):
         if self.amp is None:
@@ -114,7 +115,9 @@ class Trainer:
             self.activation_peak = self.meter.peak
         dt = time.perf_counter() - t0
         tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
-        mem = self.memory()
+        if self.mem is None:  # the tensors do not change after the first step (its optimizer states included)
+            self.mem = self.memory()
+        mem = self.mem
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else sum(mem.values())
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
                 "step_time_s": dt, "mem_peak_bytes": peak, **{f"mem_{k}_bytes": v for k, v in mem.items()}}
