@@ -205,7 +205,9 @@ def test_timeline_of_a_real_pipeline_step(corpus_file, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "timeline.json").read_text())
     assert len(report["measured"]["peak_inflight"]) == 2 and report["measured"]["peak_inflight"][0] == 2
-    assert 0 <= report["measured"]["bubble_fraction"] < 1 and 0 <= report["simulated"]["bubble_fraction"] < 1
+    assert all(0 <= report[k]["bubble_fraction"] < 1 for k in ("measured", "simulated", "predicted"))
+    ops, mbs = {e[1] for e in report["events"]}, {e[2] for e in report["events"]}
+    assert ops == {"F", "B"} and len(report["events"]) == 2 * len(mbs) * 2  # ranks x micro-batches x (F, B)
     assert (out / "timeline.png").stat().st_size > 1000
     assert "measured bubble" in r.stdout
 

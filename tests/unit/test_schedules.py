@@ -3,6 +3,7 @@
 import pytest
 
 from plait.parallel.pipeline.schedules import SCHEDULES, Action, get
+from plait.parallel.pipeline.report import compare
 from plait.parallel.pipeline.simulate import Costs, ScheduleError, simulate, validate
 
 GRID = [(pp, m) for pp in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
@@ -54,6 +55,50 @@ def test_zero_bubble_h1_beats_1f1b_at_the_same_memory(pp, m):
 def test_transfer_cost_lengthens_the_step():
     free = simulate(SCHEDULES["1f1b"].actions(4, 8)).makespan
     assert simulate(SCHEDULES["1f1b"].actions(4, 8), Costs(comm=0.5)).makespan > free
+
+
+def _durations(tl):
+    return {(e.rank, e.action): e.end - e.start for e in tl.events}
+
+
+def test_replaying_each_actions_time_reproduces_the_timeline():
+    acts = SCHEDULES["zb"].actions(3, 6)
+    costs = [Costs(1.0, 2.0, 0.5), Costs(1.5, 2.5, 1.0), Costs(0.7, 1.1, 0.3, comm=0.2)]
+    tl = simulate(acts, costs)
+    other = [Costs(9.0, 9.0, 1.0, c.comm) for c in costs]  # every action's time overridden, transfers kept
+    replay = simulate(acts, other, _durations(tl))
+    assert [(e.rank, e.action, e.start, e.end) for e in replay.events] == \
+        [(e.rank, e.action, e.start, e.end) for e in tl.events]
+
+
+def test_one_long_backward_on_the_critical_path_delays_the_whole_step():
+    acts = SCHEDULES["1f1b"].actions(2, 4)
+    base = simulate(acts)
+    slow = _durations(base) | {(1, Action("B", 0)): 3.0}  # last stage's first backward: 2 -> 3
+    assert simulate(acts, None, slow).makespan == base.makespan + 1.0
+
+
+def _traces(tl, after=float("inf"), by=0.0):
+    """Recorded (action, start, end) per rank from a timeline; the actions that start from time
+    ``after`` on shifted ``by`` later, as if a rank idled there without waiting for anything."""
+    traces = [[] for _ in range(tl.pp)]
+    for e in sorted(tl.events, key=lambda e: e.start):
+        shift = by if e.start >= after else 0.0
+        traces[e.rank].append((e.action, e.start + shift, e.end + shift))
+    return traces
+
+
+def test_compare_finds_idle_that_the_schedule_does_not_explain():
+    acts = SCHEDULES["1f1b"].actions(2, 8)
+    tl = simulate(acts, [Costs(1.0, 2.0), Costs(1.2, 2.2)])
+    exact = compare(_traces(tl), acts)
+    assert exact["measured"]["bubble_fraction"] == pytest.approx(exact["simulated"]["bubble_fraction"])
+    assert exact["predicted"]["makespan"] == pytest.approx(tl.makespan)  # equal costs: the means are exact
+    last_b = next(e for e in tl.events if e.rank == 1 and e.action == Action("B", 7))
+    late = compare(_traces(tl, after=last_b.start, by=1.0), acts)  # rank 1 idles 1.0 before its last B
+    assert late["measured"]["makespan"] == pytest.approx(tl.makespan + 1.0)
+    assert late["simulated"]["makespan"] == pytest.approx(tl.makespan)
+    assert late["measured"]["bubble_fraction"] > late["simulated"]["bubble_fraction"]
 
 
 def test_validator_rejects_missing_duplicate_and_deadlock():

@@ -220,13 +220,14 @@ def _timeline(trainer: Trainer, opts: RunOptions, lead: bool) -> dict | None:
         return None
     p = trainer.cfg.parallel
     report = compare(traces, pipe.schedule.actions(p.pp, microbatches(trainer.cfg), p.virtual_stages))
-    real, sim = report.pop("timelines")
+    real, replay, predicted = report.pop("timelines")
     if opts.out:
         from ..viz import plot_schedules
 
         (opts.out / "timeline.json").write_text(json.dumps(report, indent=1))
         plot_schedules([(f"measured step {opts.timeline_step} ({p.schedule})", real),
-                        ("simulated at the measured mean costs", sim)], opts.out / "timeline.png")
+                        ("simulated: each action at its measured time", replay),
+                        ("predicted: mean time of each action kind per stage", predicted)], opts.out / "timeline.png")
     return report
 
 

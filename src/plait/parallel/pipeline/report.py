@@ -90,14 +90,19 @@ def transfer_latency(tl: Timeline) -> float:
 
 
 def compare(traces: list[list[tuple]], actions: list[list]) -> dict:
-    """The measured step beside the simulation of the same actions at the measured mean costs
-    (and the measured transfer latency)."""
+    """The measured step beside two simulations of the same action lists, both with the measured
+    transfer latency: ``simulated`` replays each action's own measured time (it checks the runtime:
+    any idle beyond what the schedule's dependencies imply shows as a difference), ``predicted``
+    uses the mean time of each kind of action on each stage (the planner's view: it cannot know
+    which single action runs long)."""
     real = measured(traces)
-    costs = mean_costs(real, transfer_latency(real))
-    sim = simulate(actions, costs)
+    comm = transfer_latency(real)
+    costs = mean_costs(real, comm)
+    replay = simulate(actions, costs, {(e.rank, e.action): e.end - e.start for e in real.events})
+    predicted = simulate(actions, costs)
     t0 = min(e.start for e in real.events)
     events = [[e.rank, e.action.op, e.action.mb, e.action.chunk, e.start - t0, e.end - t0] for e in real.events]
-    return {"measured": real.summary(), "simulated": sim.summary(), "events": events,
-            "busy_s": [real.busy(r) for r in range(real.pp)],
-            "stage_costs_s": [{"f": c.f, "b": c.b, "w": c.w} for c in costs], "comm_s": costs[0].comm,
-            "timelines": (real, sim)}
+    return {"measured": real.summary(), "simulated": replay.summary(), "predicted": predicted.summary(),
+            "events": events, "busy_s": [real.busy(r) for r in range(real.pp)],
+            "stage_costs_s": [{"f": c.f, "b": c.b, "w": c.w} for c in costs], "comm_s": comm,
+            "timelines": (real, replay, predicted)}

@@ -57,7 +57,6 @@ class StepContext:
     autocast: Callable = contextlib.nullcontext
     no_sync: Callable = contextlib.nullcontext  # data parallel's accumulation context
     meter: object = None  # ActivationMeter, on the steps that measure
-    clock: Callable = time.perf_counter
     total: torch.Tensor | float = 0.0
 
     def measure(self, a: Action):
@@ -102,6 +101,7 @@ class PipelineParallel:
         key = (from_stage, at_stage, kind)
         work, buf = self._posted.pop(key) if key in self._posted else self._post_recv(*key, rows)
         work.wait()
+        self._mark = time.perf_counter()  # the action's compute starts once its input is here
         return buf
 
     def _needs_recv(self, a: Action) -> tuple[int, int, int] | None:
@@ -138,7 +138,6 @@ class PipelineParallel:
         chunk = self.chunks[a.chunk]
         x, y = ctx.micro[a.mb]
         inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT).requires_grad_()
-        self._mark = ctx.clock()  # compute starts once the input is here
         with ctx.measure(a), ctx.autocast():
             out = self.run_chunk(chunk, x if inp is None else inp)
             if chunk.last:
@@ -155,7 +154,6 @@ class PipelineParallel:
     def _backward(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
         grad = self._out_grad(chunk)
-        self._mark = ctx.clock()
         torch.autograd.backward(live.out, grad)
         if live.inp is not None:
             self._send(live.inp.grad, chunk.stage - 1, GRAD)
@@ -164,7 +162,6 @@ class PipelineParallel:
     def _input_grad(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
         live.grad = self._out_grad(chunk)
-        self._mark = ctx.clock()
         if live.inp is not None:
             (g,) = torch.autograd.grad(live.out, live.inp, live.grad, retain_graph=True)
             self._send(g, chunk.stage - 1, GRAD)
@@ -190,14 +187,14 @@ class PipelineParallel:
         final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
+            self._mark = time.perf_counter()  # the action's work starts now, or once its input arrives (_recv)
             if i + 1 < len(acts):
                 self._prefetch(acts[i + 1])
             sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
-            self._mark = ctx.clock()  # moved past the wait for a transfer, if the action has one
             with sync:
                 run[a.op](a, ctx)
             if self.trace is not None:
-                self.trace.append((a, self._mark, ctx.clock()))
+                self.trace.append((a, self._mark, time.perf_counter()))
         self._wait_sends()
         return ctx.total / len(ctx.micro)
 

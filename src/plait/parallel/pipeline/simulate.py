@@ -90,12 +90,16 @@ def _produces(a: Action) -> str:
     return {"F": "F", "B": "G", "I": "G", "W": "W"}[a.op]
 
 
-def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = None) -> Timeline:
+def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = None,
+             durations: dict[tuple[int, Action], float] | None = None) -> Timeline:
     """List-schedule every rank's actions in their order; raise ScheduleError on a deadlock.
 
     ``costs``: one Costs for every stage, or a list with one per global stage (measured stages
-    differ: the first holds the embedding, the last the head and the loss)."""
+    differ: the first holds the embedding, the last the head and the loss). ``durations``, keyed
+    by (rank, action), overrides the time of single actions (a replay of a measured step); the
+    transfer cost still comes from ``costs``."""
     costs = costs or Costs()
+    durations = durations or {}
     per_stage = costs if isinstance(costs, list) else None
     pp = len(actions)
     last = pp * (1 + max((a.chunk for acts in actions for a in acts), default=0)) - 1
@@ -114,7 +118,7 @@ def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = No
                 c = per_stage[stage] if per_stage else costs
                 remote = [done[k] + (c.comm if k[2] != stage else 0.0) for k in needs]
                 start = max([free[r], *remote])
-                free[r] = start + c.of(a.op)
+                free[r] = start + durations.get((r, a), c.of(a.op))
                 done[(_produces(a), a.mb, stage)] = free[r]
                 timeline.events.append(Event(r, a, stage, start, free[r]))
                 pos[r] += 1
