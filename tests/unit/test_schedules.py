@@ -2,8 +2,8 @@
 
 import pytest
 
-from plait.parallel.pipeline.schedules import SCHEDULES, Action, get
 from plait.parallel.pipeline.report import compare
+from plait.parallel.pipeline.schedules import SCHEDULES, Action, get
 from plait.parallel.pipeline.simulate import Costs, ScheduleError, simulate, validate
 
 GRID = [(pp, m) for pp in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
