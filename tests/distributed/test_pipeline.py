@@ -31,3 +31,31 @@ def test_more_pipeline_layouts(corpus_file, layout):
     base = tiny_config(corpus_file, "model.layers=4", "train.dtype=float64", "train.steps=3", "model.vocab=257")
     rows = run_verify(base, parse_layouts(layout), tol=1e-9, progress=False)
     assert rows[0]["ok"], rows
+
+
+def _held_sends(cfg):
+    """One training step; (peak bytes of sends held, bytes of one activation, micro-batches)."""
+    import torch
+
+    from plait import comm
+    from plait.train.data import load_corpus
+    from plait.train.trainer import Trainer
+
+    trainer = Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
+    trainer.step(0)
+    pipe = trainer.pm.pipeline
+    one = cfg.train.micro_batch * cfg.model.seq_len * cfg.model.hidden * torch.finfo(pipe.dtype).bits // 8
+    return pipe.sends.peak_bytes, one, len(trainer.sampler.batch(0)[0]) // cfg.train.micro_batch
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb", "interleaved"])
+def test_sent_tensors_are_let_go_in_flight_not_at_the_end_of_the_step(corpus_file, schedule):
+    from plait.launch import run_local
+
+    v = 2 if schedule == "interleaved" else 1
+    cfg = tiny_config(corpus_file, "model.layers=4", "parallel.pp=2", f"parallel.schedule={schedule}",
+                      f"parallel.virtual_stages={v}", "train.micro_batch=1", nproc=2)
+    for peak, one, m in run_local(_held_sends, 2, (cfg,), timeout_s=120):
+        assert m >= 8
+        # each rank sends m activations or m gradients per chunk; without the tracker all are held
+        assert one <= peak <= (2 * v + 1) * one < m * v * one

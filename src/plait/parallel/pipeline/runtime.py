@@ -11,10 +11,12 @@ Per action on global stage s (this rank's chunk c, s = c * pp + pp_rank):
   parameters). W walks the chunk's graph again, so it costs about a whole backward here.
 
 Transfers are ``isend``/``irecv`` over the default group with a tag per (direction, receiving
-stage), so messages of different kinds never match each other (gloo honours tags). Sends are not
-waited for until the step ends; receives block only when their data is needed. A micro-batch's
-activations are released as soon as its backward (or W) is done. Gradients are accumulated over
-micro-batches; data-parallel traffic is allowed only during each chunk's last backward.
+stage), so messages of different kinds never match each other (gloo honours tags). Receives are
+posted one action ahead and block only when their data is needed. A sent tensor is held only until
+the schedule proves it received (``sends.py``), and a sent stage output keeps only its autograd
+graph: its data goes with the transfer (Megatron-LM's ``deallocate_output_tensor``). A micro-batch's
+saved activations are released as soon as its backward (or W) is done. Gradients are accumulated
+over micro-batches; data-parallel traffic is allowed only during each chunk's last backward.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .schedules import Action, Schedule
-
-ACT, GRAD = 0, 1  # transfer kinds
+from .sends import ACT, GRAD, SendTracker
 
 
 @dataclass(frozen=True)
@@ -80,27 +81,34 @@ class PipelineParallel:
         self.stage_sizes: list[int] = []  # blocks per global stage (set by apply_pipeline)
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
-        self._sends: list = []
+        self._sends: list = []  # sends outside a training step (forward only), waited at its end
+        self.sends: SendTracker | None = None  # the training step's sends (kept for inspection)
         self._posted: dict[tuple[int, int, int], tuple] = {}  # receive posted ahead: (from, at, kind)
         self._live: dict[tuple[int, int], _Live] = {}
 
     # ---------------------------------------------------------------- transfers
 
-    def _send(self, t: torch.Tensor, to_stage: int, kind: int) -> None:
+    def _send(self, t: torch.Tensor, to_stage: int, kind: int, mb: int | None = None) -> None:
         t = t.detach().contiguous()
         work = dist.isend(t, self.stage_rank(to_stage), tag=kind * self.num_stages + to_stage)
-        self._sends.append((work, t))
+        if mb is not None and self.sends is not None:
+            self.sends.sent(work, t, to_stage, kind, mb)
+        else:
+            self._sends.append((work, t))
 
     def _post_recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None):
         shape = (rows or self.act_shape[0], *self.act_shape[1:])
         buf = torch.empty(shape, dtype=self.dtype, device=self.device)
         return dist.irecv(buf, self.stage_rank(from_stage), tag=kind * self.num_stages + at_stage), buf
 
-    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None) -> torch.Tensor:
+    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None,
+              mb: int | None = None) -> torch.Tensor:
         """The next message of this kind into this stage: posted early by ``_prefetch``, or now."""
         key = (from_stage, at_stage, kind)
         work, buf = self._posted.pop(key) if key in self._posted else self._post_recv(*key, rows)
         work.wait()
+        if mb is not None and self.sends is not None:
+            self.sends.received(from_stage, kind, mb)
         self._mark = time.perf_counter()  # the action's compute starts once its input is here
         return buf
 
@@ -137,7 +145,7 @@ class PipelineParallel:
     def _forward(self, a: Action, ctx: StepContext) -> None:
         chunk = self.chunks[a.chunk]
         x, y = ctx.micro[a.mb]
-        inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT).requires_grad_()
+        inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT, mb=a.mb).requires_grad_()
         with ctx.measure(a), ctx.autocast():
             out = self.run_chunk(chunk, x if inp is None else inp)
             if chunk.last:
@@ -145,26 +153,27 @@ class PipelineParallel:
                 ctx.total += loss.detach()
                 out = loss / len(ctx.micro)
         if not chunk.last:
-            self._send(out, chunk.stage + 1, ACT)
+            self._send(out, chunk.stage + 1, ACT, a.mb)
+            _drop_data(out)
         self._live[(a.mb, a.chunk)] = _Live(inp=inp, out=out)
 
-    def _out_grad(self, chunk: Chunk) -> torch.Tensor | None:
-        return None if chunk.last else self._recv(chunk.stage + 1, chunk.stage, GRAD)
+    def _out_grad(self, chunk: Chunk, mb: int) -> torch.Tensor | None:
+        return None if chunk.last else self._recv(chunk.stage + 1, chunk.stage, GRAD, mb=mb)
 
     def _backward(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
-        grad = self._out_grad(chunk)
+        grad = self._out_grad(chunk, a.mb)
         torch.autograd.backward(live.out, grad)
         if live.inp is not None:
-            self._send(live.inp.grad, chunk.stage - 1, GRAD)
+            self._send(live.inp.grad, chunk.stage - 1, GRAD, a.mb)
         ctx.release(a)
 
     def _input_grad(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
-        live.grad = self._out_grad(chunk)
+        live.grad = self._out_grad(chunk, a.mb)
         if live.inp is not None:
             (g,) = torch.autograd.grad(live.out, live.inp, live.grad, retain_graph=True)
-            self._send(g, chunk.stage - 1, GRAD)
+            self._send(g, chunk.stage - 1, GRAD, a.mb)
 
     def _weight_grad(self, a: Action, ctx: StepContext) -> None:
         live = self._live.pop((a.mb, a.chunk))
@@ -183,7 +192,9 @@ class PipelineParallel:
 
     def train_step(self, ctx: StepContext) -> torch.Tensor:
         """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
-        acts = self.schedule.fn(self.pp, len(ctx.micro), len(self.chunks), self.pp_rank)
+        m, v = len(ctx.micro), len(self.chunks)
+        acts = self.schedule.fn(self.pp, m, v, self.pp_rank)
+        self.sends = SendTracker(lambda r: self.schedule.fn(self.pp, m, v, r), self.pp)
         final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
@@ -195,7 +206,7 @@ class PipelineParallel:
                 run[a.op](a, ctx)
             if self.trace is not None:
                 self.trace.append((a, self._mark, time.perf_counter()))
-        self._wait_sends()
+        self.sends.finish()
         return ctx.total / len(ctx.micro)
 
     @torch.no_grad()
@@ -213,3 +224,12 @@ class PipelineParallel:
                     self._send(out, chunk.stage + 1, ACT)
         self._wait_sends()
         return outs
+
+
+def _drop_data(out: torch.Tensor) -> None:
+    """Free a sent stage output's data, keeping its autograd graph (Megatron-LM's
+    deallocate_output_tensor). Only where backward cannot need it: the output of an addition (a
+    block's residual add, the embedding sum), which saves nothing. The tensor keeps its shape over
+    one element, so ``backward(out, grad)`` still checks shapes; the send holds the real data."""
+    if out.grad_fn is not None and out._base is None and type(out.grad_fn).__name__ == "AddBackward0":
+        out.data = torch.empty(1, dtype=out.dtype, device=out.device).expand(out.shape)
