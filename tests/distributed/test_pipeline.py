@@ -45,7 +45,7 @@ def _held_sends(cfg):
     trainer.step(0)
     pipe = trainer.pm.pipeline
     one = cfg.train.micro_batch * cfg.model.seq_len * cfg.model.hidden * torch.finfo(pipe.dtype).bits // 8
-    return pipe.sends.peak_bytes, one, len(trainer.sampler.batch(0)[0]) // cfg.train.micro_batch
+    return pipe.last_sends.peak_bytes, one, len(trainer.sampler.batch(0)[0]) // cfg.train.micro_batch
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb", "interleaved"])
@@ -59,3 +59,31 @@ def test_sent_tensors_are_let_go_in_flight_not_at_the_end_of_the_step(corpus_fil
         assert m >= 8
         # each rank sends m activations or m gradients per chunk; without the tracker all are held
         assert one <= peak <= (2 * v + 1) * one < m * v * one
+
+
+def _losses(cfg, tagged):
+    """Three steps with messages matched by tag (gloo) or by order alone (tag 0, as NCCL does)."""
+    from plait import comm
+    from plait.train.data import load_corpus
+    from plait.train.trainer import Trainer
+
+    trainer = Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
+    trainer.pm.pipeline.tagged = tagged
+    return [(row["loss"], row["grad_norm"]) for row in (trainer.step(s) for s in range(3))]
+
+
+@pytest.mark.parametrize("layout", [
+    "parallel.schedule=interleaved,parallel.virtual_stages=2",  # activations and gradients share a pair
+    "parallel.schedule=zb", "parallel.schedule=gpipe",
+    "parallel.pp=4,parallel.schedule=interleaved,parallel.virtual_stages=2,model.layers=8",
+])
+def test_transfers_match_by_order_alone_as_on_nccl(corpus_file, layout):
+    from plait.launch import run_local
+
+    sets = ["model.layers=4", "parallel.pp=2", "train.dtype=float64", "train.micro_batch=1", *layout.split(",")]
+    cfg = tiny_config(corpus_file, *sets, nproc=4 if "pp=4" in layout else 2)
+    n = cfg.parallel.pp
+    by_tag = run_local(_losses, n, (cfg, True), timeout_s=240)[0]
+    by_order = run_local(_losses, n, (cfg, False), timeout_s=240)[0]
+    assert by_order == by_tag, (by_order, by_tag)
+    assert all(loss > 1 for loss, _ in by_tag)

@@ -117,3 +117,41 @@ def test_validator_rejects_missing_duplicate_and_deadlock():
 def test_unknown_schedule_lists_valid_ones():
     with pytest.raises(ValueError, match="gpipe, 1f1b, interleaved, zb"):
         get("pipedream")
+
+
+ALL = [("gpipe", pp, m, 1) for pp, m in GRID] + [("1f1b", pp, m, 1) for pp, m in GRID] + \
+      [("zb", pp, m, 1) for pp, m in GRID] + \
+      [("interleaved", pp, m, v) for pp in (2, 3, 4) for m in (pp, 2 * pp, 4 * pp) for v in (2, 3)]
+
+
+@pytest.mark.parametrize("name, pp, m, v", ALL)
+def test_both_ranks_of_a_pair_agree_on_the_order_and_can_keep_it(name, pp, m, v):
+    """What NCCL needs: one order per pair, the same on both sides, in which a rank never has to
+    post a receive before a send of its own that an earlier-or-same action has not made."""
+    from plait.parallel.pipeline.schedules import stage_of
+    from plait.parallel.pipeline.transfers import message, pair_orders, sender
+
+    acts = SCHEDULES[name].actions(pp, m, v)
+    last = pp * v - 1
+    orders = [pair_orders(acts, r) for r in range(pp)]
+    for a in range(pp):
+        for b, order in orders[a].items():
+            assert [(not out, msg) for out, msg in orders[b][a]] == order
+    for r in range(pp):
+        made = {}  # message -> index of the action that sends it
+        for i, act in enumerate(acts[r]):
+            msg = message(act, stage_of(r, act.chunk, pp), last)
+            if msg is not None:
+                made[msg] = i
+        for order in orders[r].values():
+            sends_so_far = []
+            for out, msg in order:
+                if out:
+                    sends_so_far.append(made[msg])
+                    assert sends_so_far == sorted(sends_so_far)  # our sends in our action order
+                else:
+                    kind, at, mb = msg
+                    want = next(i for i, a in enumerate(acts[r]) if stage_of(r, a.chunk, pp) == at
+                                and a.mb == mb and a.op in (("F",) if kind == 0 else ("B", "I")))
+                    assert all(s < want for s in sends_so_far), (msg, sends_so_far, want)
+                    assert sender(msg) != at

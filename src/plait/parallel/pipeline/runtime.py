@@ -6,14 +6,14 @@ Per action on global stage s (this rank's chunk c, s = c * pp + pp_rank):
   s+1, or on the last stage compute the micro-batch's loss.
 - B: receive the output gradient from stage s+1 (unless last), back-propagate, send the input
   gradient to stage s-1.
-- I / W (zero bubble): I back-propagates to the input only (``autograd.grad``, graph kept) and sends
-  the input gradient; W later back-propagates to the parameters (``inputs=`` the chunk's
-  parameters). W walks the chunk's graph again, so it costs about a whole backward here.
+- I / W (zero bubble): I back-propagates to the input only (graph kept) and sends the input
+  gradient; W later back-propagates from the gradients I kept at the weights' own nodes to the
+  parameters only (``zero_bubble.py``), so the two together cost one backward.
 
 Transfers are ``isend``/``irecv`` over the default group with a tag per (direction, receiving
 stage), so messages of different kinds never match each other (gloo honours tags). Receives are
 posted one action ahead and block only when their data is needed. A sent tensor is held only until
-the schedule proves it received (``sends.py``), and a sent stage output keeps only its autograd
+the schedule proves it received (``transfers.py``), and a sent stage output keeps only its autograd
 graph: its data goes with the transfer (Megatron-LM's ``deallocate_output_tensor``). A micro-batch's
 saved activations are released as soon as its backward (or W) is done. Gradients are accumulated
 over micro-batches; data-parallel traffic is allowed only during each chunk's last backward.
@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .schedules import Action, Schedule
-from .sends import ACT, GRAD, SendTracker
+from .schedules import Action, Schedule, place
+from .transfers import ACT, GRAD, Message, SendTracker, pair_orders, sender
+from .zero_bubble import input_grad
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Live:
     inp: torch.Tensor | None = None  # received activation (requires grad), None on stage 0
     out: torch.Tensor | None = None  # chunk output, or the scaled loss on the last stage
     grad: torch.Tensor | None = None  # output gradient, kept from I for W
+    weight_grad: Callable[[], None] | None = None  # W, prepared by I (zero_bubble.py)
 
 
 @dataclass
@@ -82,50 +84,84 @@ class PipelineParallel:
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
         self._sends: list = []  # sends outside a training step (forward only), waited at its end
-        self.sends: SendTracker | None = None  # the training step's sends (kept for inspection)
-        self._posted: dict[tuple[int, int, int], tuple] = {}  # receive posted ahead: (from, at, kind)
+        self.sends: SendTracker | None = None  # the running training step's sends
+        self.last_sends: SendTracker | None = None  # the last step's, for inspection
+        self._posted: dict[Message, tuple] = {}  # receives posted ahead: message -> (work, buffer)
+        self._orders: dict[int, list] = {}  # peer pp rank -> [(outgoing, message)] this step
+        self._next: dict[int, int] = {}  # peer pp rank -> transfers of its order posted so far
+        self.tagged = True  # False: every message with tag 0, matched by order alone (as NCCL does)
         self._live: dict[tuple[int, int], _Live] = {}
 
     # ---------------------------------------------------------------- transfers
+    # In a training step every transfer is named by its Message (kind, receiving stage, micro-batch)
+    # and posted in the order agreed with the peer (transfers.pair_orders); outside one (forward
+    # only: one kind of message per direction, in micro-batch order) transfers go as they come.
 
-    def _send(self, t: torch.Tensor, to_stage: int, kind: int, mb: int | None = None) -> None:
-        t = t.detach().contiguous()
-        work = dist.isend(t, self.stage_rank(to_stage), tag=kind * self.num_stages + to_stage)
-        if mb is not None and self.sends is not None:
-            self.sends.sent(work, t, to_stage, kind, mb)
-        else:
-            self._sends.append((work, t))
+    def _tag(self, msg: Message) -> int:
+        return (msg[0] * self.num_stages + msg[1]) if self.tagged else 0
 
-    def _post_recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None):
+    def _post_recv(self, msg: Message, rows: int | None = None) -> tuple:
         shape = (rows or self.act_shape[0], *self.act_shape[1:])
         buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return dist.irecv(buf, self.stage_rank(from_stage), tag=kind * self.num_stages + at_stage), buf
+        return dist.irecv(buf, self.stage_rank(sender(msg)), tag=self._tag(msg)), buf
 
-    def _recv(self, from_stage: int, at_stage: int, kind: int, rows: int | None = None,
-              mb: int | None = None) -> torch.Tensor:
-        """The next message of this kind into this stage: posted early by ``_prefetch``, or now."""
-        key = (from_stage, at_stage, kind)
-        work, buf = self._posted.pop(key) if key in self._posted else self._post_recv(*key, rows)
+    def _advance(self, peer: int, upto: tuple[bool, Message]) -> bool:
+        """Post the receives that come before ``upto`` in the order agreed with ``peer``, and
+        ``upto`` itself if it is a receive; False if a send of ours not yet made comes first."""
+        if not upto[0] and upto[1] in self._posted:
+            return True
+        order = self._orders[peer]
+        while self._next[peer] < len(order):
+            item = order[self._next[peer]]
+            if item[0]:  # our send: ``upto`` itself, or one whose turn comes first
+                return item == upto
+            self._posted[item[1]] = self._post_recv(item[1])
+            self._next[peer] += 1
+            if item == upto:
+                return True
+        raise RuntimeError(f"pipeline: transfer {upto} is not in the agreed order with pipeline rank {peer}")
+
+    def _send(self, t: torch.Tensor, msg: Message) -> None:
+        t = t.detach().contiguous()
+        if self.sends is None:  # forward only
+            self._sends.append((dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg)), t))
+            return
+        peer = place(msg[1], self.pp)[0]
+        if not self._advance(peer, (True, msg)):
+            raise RuntimeError(f"pipeline: send {msg} is out of the agreed order with pipeline rank {peer}")
+        work = dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg))
+        self._next[peer] += 1
+        self.sends.sent(work, t, msg)
+
+    def _recv(self, msg: Message, rows: int | None = None) -> torch.Tensor:
+        """The message, posted early (``_prefetch``) or now; blocks until it is here."""
+        if self.sends is None:  # forward only
+            work, buf = self._post_recv(msg, rows)
+        else:
+            if not self._advance(place(sender(msg), self.pp)[0], (False, msg)):
+                raise RuntimeError(f"pipeline: receive {msg} would be posted before a send the peer expects first")
+            work, buf = self._posted.pop(msg)
         work.wait()
-        if mb is not None and self.sends is not None:
-            self.sends.received(from_stage, kind, mb)
+        if self.sends is not None:
+            self.sends.received(msg)
         self._mark = time.perf_counter()  # the action's compute starts once its input is here
         return buf
 
-    def _needs_recv(self, a: Action) -> tuple[int, int, int] | None:
+    def _needs(self, a: Action) -> Message | None:
+        """The message action ``a`` waits for, if any."""
         stage = self.chunks[a.chunk].stage
         if a.op == "F" and stage > 0:
-            return stage - 1, stage, ACT
+            return ACT, stage, a.mb
         if a.op in ("B", "I") and stage < self.num_stages - 1:
-            return stage + 1, stage, GRAD
+            return GRAD, stage, a.mb
         return None
 
     def _prefetch(self, a: Action) -> None:
-        """Post the receive that action ``a`` will need, so the transfer overlaps this compute.
-        Receives are posted in action order, so each tag's messages still match in order."""
-        key = self._needs_recv(a)
-        if key is not None and key not in self._posted:
-            self._posted[key] = self._post_recv(*key)
+        """Post the receive that action ``a`` will need (if its turn has come), so the transfer
+        overlaps this action's compute."""
+        msg = self._needs(a)
+        if msg is not None:
+            self._advance(place(sender(msg), self.pp)[0], (False, msg))
 
     def _wait_sends(self) -> None:
         for work, _ in self._sends:
@@ -145,7 +181,7 @@ class PipelineParallel:
     def _forward(self, a: Action, ctx: StepContext) -> None:
         chunk = self.chunks[a.chunk]
         x, y = ctx.micro[a.mb]
-        inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT, mb=a.mb).requires_grad_()
+        inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, a.mb)).requires_grad_()
         with ctx.measure(a), ctx.autocast():
             out = self.run_chunk(chunk, x if inp is None else inp)
             if chunk.last:
@@ -153,32 +189,36 @@ class PipelineParallel:
                 ctx.total += loss.detach()
                 out = loss / len(ctx.micro)
         if not chunk.last:
-            self._send(out, chunk.stage + 1, ACT, a.mb)
+            self._send(out, (ACT, chunk.stage + 1, a.mb))
             _drop_data(out)
         self._live[(a.mb, a.chunk)] = _Live(inp=inp, out=out)
 
     def _out_grad(self, chunk: Chunk, mb: int) -> torch.Tensor | None:
-        return None if chunk.last else self._recv(chunk.stage + 1, chunk.stage, GRAD, mb=mb)
+        return None if chunk.last else self._recv((GRAD, chunk.stage, mb))
 
     def _backward(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
         grad = self._out_grad(chunk, a.mb)
         torch.autograd.backward(live.out, grad)
         if live.inp is not None:
-            self._send(live.inp.grad, chunk.stage - 1, GRAD, a.mb)
+            self._send(live.inp.grad, (GRAD, chunk.stage - 1, a.mb))
         ctx.release(a)
 
     def _input_grad(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
         live.grad = self._out_grad(chunk, a.mb)
         if live.inp is not None:
-            (g,) = torch.autograd.grad(live.out, live.inp, live.grad, retain_graph=True)
-            self._send(g, chunk.stage - 1, GRAD, a.mb)
+            params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
+            g, live.weight_grad = input_grad(live.out, live.grad, live.inp, params)
+            self._send(g, (GRAD, chunk.stage - 1, a.mb))
 
     def _weight_grad(self, a: Action, ctx: StepContext) -> None:
         live = self._live.pop((a.mb, a.chunk))
-        params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
-        torch.autograd.backward(live.out, live.grad, inputs=params)
+        if live.weight_grad is not None:
+            live.weight_grad()
+        else:  # the first stage: no input gradient, so I did nothing and W is the whole backward
+            params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
+            torch.autograd.backward(live.out, live.grad, inputs=params)
         ctx.release(a)
 
     def _chunk_params(self, c: int) -> list[nn.Parameter]:
@@ -193,8 +233,11 @@ class PipelineParallel:
     def train_step(self, ctx: StepContext) -> torch.Tensor:
         """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
         m, v = len(ctx.micro), len(self.chunks)
-        acts = self.schedule.fn(self.pp, m, v, self.pp_rank)
-        self.sends = SendTracker(lambda r: self.schedule.fn(self.pp, m, v, r), self.pp)
+        everyone = [self.schedule.fn(self.pp, m, v, r) for r in range(self.pp)]
+        acts = everyone[self.pp_rank]
+        self.sends = SendTracker(everyone)
+        self._orders = pair_orders(everyone, self.pp_rank)
+        self._next = dict.fromkeys(self._orders, 0)
         final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
@@ -207,6 +250,7 @@ class PipelineParallel:
             if self.trace is not None:
                 self.trace.append((a, self._mark, time.perf_counter()))
         self.sends.finish()
+        self.sends, self.last_sends = None, self.sends
         return ctx.total / len(ctx.micro)
 
     @torch.no_grad()
@@ -215,13 +259,13 @@ class PipelineParallel:
         outs = []
         for x, _ in ctx.micro:
             for chunk in self.chunks:
-                inp = None if chunk.stage == 0 else self._recv(chunk.stage - 1, chunk.stage, ACT, len(x))
+                inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, 0), len(x))
                 with ctx.autocast():
                     out = self.run_chunk(chunk, x if inp is None else inp)
                 if chunk.last:
                     outs.append(out)
                 else:
-                    self._send(out, chunk.stage + 1, ACT)
+                    self._send(out, (ACT, chunk.stage + 1, 0))
         self._wait_sends()
         return outs
 

@@ -1,5 +1,14 @@
-"""When a sent activation or gradient may be let go: the schedule says when its transfer is done.
+"""What travels between pipeline stages, in which order, and when a sent tensor may be let go.
 
+Order. Every transfer between two ranks is posted by both in one order they agree on
+(``pair_orders``): the order of the sends in the schedule simulated at unit cost. NCCL matches
+point-to-point operations between two ranks by order alone (it ignores tags) and runs each pair's
+operations in order on one stream, so a receive posted before a send the peer expects first would
+hang or take the wrong message. A rank can always post its transfers in this order: a receive it
+needs before an action is preceded only by sends of earlier actions (in the simulation, a send of
+that action or a later one ends after the action starts, so after the message it waits for).
+
+Release.
 A stage sends its output (or input gradient) with ``isend`` and must keep the tensor until the
 transfer is complete. gloo completes a send only once the receiver has posted the matching receive,
 and tells so only through ``wait()``, which blocks until then; waiting on every send at the end of
@@ -15,21 +24,54 @@ end of the step, as before. On NCCL the same waits only order streams.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .schedules import place
+from .schedules import Action, place
+from .simulate import simulate
 
 ACT, GRAD = 0, 1  # transfer kinds: activation to stage s+1, input gradient to stage s-1
+Message = tuple[int, int, int]  # (kind, receiving stage, micro-batch)
+
+
+def message(a: Action, stage: int, last: int) -> Message | None:
+    """What action ``a`` on ``stage`` sends, if anything."""
+    if a.op == "F" and stage < last:
+        return ACT, stage + 1, a.mb
+    if a.op in ("B", "I") and stage > 0:
+        return GRAD, stage - 1, a.mb
+    return None
+
+
+def sender(msg: Message) -> int:
+    """The stage a message comes from."""
+    kind, at, _ = msg
+    return at - 1 if kind == ACT else at + 1
+
+
+def pair_orders(actions: list[list[Action]], rank: int) -> dict[int, list[tuple[bool, Message]]]:
+    """For each peer rank, the transfers between it and ``rank`` in the agreed order:
+    (outgoing, message). Both ranks of a pair compute the same list."""
+    pp = len(actions)
+    last = pp * (1 + max(a.chunk for acts in actions for a in acts)) - 1
+    sent = []
+    for e in simulate(actions).events:
+        msg = message(e.action, e.stage, last)
+        if msg is not None:
+            sent.append((e.end, e.rank, msg))
+    orders: dict[int, list[tuple[bool, Message]]] = {}
+    for _, src, msg in sorted(sent):
+        dst = place(msg[1], pp)[0]
+        if rank in (src, dst):
+            orders.setdefault(dst if src == rank else src, []).append((src == rank, msg))
+    return orders
 
 
 class SendTracker:
     """Tensors in flight per peer rank, released as the peer's progress proves them received."""
 
-    def __init__(self, actions_of: Callable[[int], list], pp: int):
-        self.pp = pp
-        self._index = {(r, a.op, a.mb, a.chunk): i for r in range(pp) for i, a in enumerate(actions_of(r))}
+    def __init__(self, actions: list[list[Action]]):
+        self.pp = pp = len(actions)
+        self._index = {(r, a.op, a.mb, a.chunk): i for r in range(pp) for i, a in enumerate(actions[r])}
         self._pending: dict[int, list[tuple[int, object, torch.Tensor]]] = {}  # peer -> (consumer index, work, t)
         self._progress: dict[int, int] = {}  # peer -> highest action number known started
         self.held_bytes = 0
@@ -42,15 +84,15 @@ class SendTracker:
         ops = "F" if kind == ACT else "BI"
         return rank, min(self._index[(rank, op, mb, chunk)] for op in ops if (rank, op, mb, chunk) in self._index)
 
-    def sent(self, work, t: torch.Tensor, to_stage: int, kind: int, mb: int) -> None:
-        peer, consumer = self._where(to_stage, kind, mb)
+    def sent(self, work, t: torch.Tensor, msg: Message) -> None:
+        peer, consumer = self._where(msg[1], msg[0], msg[2])
         self._pending.setdefault(peer, []).append((consumer, work, t))
         self.held_bytes += t.numel() * t.element_size()
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
 
-    def received(self, from_stage: int, kind: int, mb: int) -> None:
-        """A message from ``from_stage`` arrived: release what its sender has surely received."""
-        peer, producer = self._where(from_stage, kind, mb)
+    def received(self, msg: Message) -> None:
+        """A message arrived: release what its sender has surely received."""
+        peer, producer = self._where(sender(msg), msg[0], msg[2])
         self._progress[peer] = max(self._progress.get(peer, -1), producer)
         keep = []
         for consumer, work, t in self._pending.get(peer, []):
