@@ -61,14 +61,14 @@ def test_sent_tensors_are_let_go_in_flight_not_at_the_end_of_the_step(corpus_fil
         assert one <= peak <= (2 * v + 1) * one < m * v * one
 
 
-def _losses(cfg, tagged):
+def _losses(cfg, by_order):
     """Three steps with messages matched by tag (gloo) or by order alone (tag 0, as NCCL does)."""
     from plait import comm
     from plait.train.data import load_corpus
     from plait.train.trainer import Trainer
 
     trainer = Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
-    trainer.pm.pipeline.tagged = tagged
+    trainer.pm.pipeline.match_by_order = by_order
     return [(row["loss"], row["grad_norm"]) for row in (trainer.step(s) for s in range(3))]
 
 
@@ -83,7 +83,7 @@ def test_transfers_match_by_order_alone_as_on_nccl(corpus_file, layout):
     sets = ["model.layers=4", "parallel.pp=2", "train.dtype=float64", "train.micro_batch=1", *layout.split(",")]
     cfg = tiny_config(corpus_file, *sets, nproc=4 if "pp=4" in layout else 2)
     n = cfg.parallel.pp
-    by_tag = run_local(_losses, n, (cfg, True), timeout_s=240)[0]
-    by_order = run_local(_losses, n, (cfg, False), timeout_s=240)[0]
+    by_tag = run_local(_losses, n, (cfg, False), timeout_s=240)[0]
+    by_order = run_local(_losses, n, (cfg, True), timeout_s=240)[0]
     assert by_order == by_tag, (by_order, by_tag)
     assert all(loss > 1 for loss, _ in by_tag)

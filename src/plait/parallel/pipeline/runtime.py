@@ -89,16 +89,20 @@ class PipelineParallel:
         self._posted: dict[Message, tuple] = {}  # receives posted ahead: message -> (work, buffer)
         self._orders: dict[int, list] = {}  # peer pp rank -> [(outgoing, message)] this step
         self._next: dict[int, int] = {}  # peer pp rank -> transfers of its order posted so far
-        self.tagged = True  # False: every message with tag 0, matched by order alone (as NCCL does)
+        # NCCL matches a pair's transfers by order alone and runs them in order: post them in the
+        # order agreed with the peer. gloo honours tags: post receives as early as wanted.
+        self.match_by_order = dist.get_backend() != "gloo"
         self._live: dict[tuple[int, int], _Live] = {}
 
     # ---------------------------------------------------------------- transfers
-    # In a training step every transfer is named by its Message (kind, receiving stage, micro-batch)
-    # and posted in the order agreed with the peer (transfers.pair_orders); outside one (forward
-    # only: one kind of message per direction, in micro-batch order) transfers go as they come.
+    # In a training step every transfer is named by its Message (kind, receiving stage, micro-batch).
+    # Matched by order (NCCL), each is posted in the order agreed with the peer
+    # (transfers.pair_orders); matched by tag (gloo), a receive is posted one action ahead whatever
+    # the order, so the sender's data can flow as soon as it is sent. Outside a training step
+    # (forward only: one kind of message per direction, in micro-batch order) transfers go as they come.
 
     def _tag(self, msg: Message) -> int:
-        return (msg[0] * self.num_stages + msg[1]) if self.tagged else 0
+        return 0 if self.match_by_order else msg[0] * self.num_stages + msg[1]
 
     def _post_recv(self, msg: Message, rows: int | None = None) -> tuple:
         shape = (rows or self.act_shape[0], *self.act_shape[1:])
@@ -109,6 +113,10 @@ class PipelineParallel:
         """Post the receives that come before ``upto`` in the order agreed with ``peer``, and
         ``upto`` itself if it is a receive; False if a send of ours not yet made comes first."""
         if not upto[0] and upto[1] in self._posted:
+            return True
+        if not self.match_by_order:
+            if not upto[0]:
+                self._posted[upto[1]] = self._post_recv(upto[1])
             return True
         order = self._orders[peer]
         while self._next[peer] < len(order):
@@ -130,7 +138,8 @@ class PipelineParallel:
         if not self._advance(peer, (True, msg)):
             raise RuntimeError(f"pipeline: send {msg} is out of the agreed order with pipeline rank {peer}")
         work = dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg))
-        self._next[peer] += 1
+        if self.match_by_order:
+            self._next[peer] += 1
         self.sends.sent(work, t, msg)
 
     def _recv(self, msg: Message, rows: int | None = None) -> torch.Tensor:
@@ -242,8 +251,8 @@ class PipelineParallel:
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(acts):
             self._mark = time.perf_counter()  # the action's work starts now, or once its input arrives (_recv)
-            if i + 1 < len(acts):
-                self._prefetch(acts[i + 1])
+            for upcoming in acts[i:i + 2]:  # receives posted in action order: per tag, the send order
+                self._prefetch(upcoming)
             sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
             with sync:
                 run[a.op](a, ctx)
