@@ -108,7 +108,7 @@ def input_grad(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tensor,
             plain.append(p)
     groups = []
     for keys, nodes in _groups(frontiers):
-        if _nested(nodes, dependent):
+        if len(nodes) > 1 and _nested(nodes, dependent):
             plain += [params[k] for k in keys]
         else:
             groups.append(([params[k] for k in keys], nodes))
