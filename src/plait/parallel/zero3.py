@@ -7,7 +7,8 @@ output layer). Each unit keeps only this rank's slice of its flat parameters bet
   after (the storage is released; tensors saved for backward keep pointing at it).
 - backward: a hook on the block's output all-gathers the parameters again before the block's
   backward; once all its gradients are accumulated they are reduce-scattered (mean) over dp into
-  this rank's slice, and the full parameters and gradients are freed.
+  this rank's slice, and the full parameters and gradients are freed. Under zero bubble the hook
+  fires in I, and the unit waits for the W of every micro-batch whose I has run (the count adds up).
 - the root unit is gathered for the whole step (its embedding is tied to the output layer in
   gpt2) and reduce-scattered at the end.
 - optimizer: AdamW on this rank's slices, as in ZeRO-1/2; nothing to gather after the step.
@@ -137,7 +138,7 @@ class Zero3:
             for p in u.params:
                 p.grad = u.grad[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
-        u.pending = len(u.params)
+        u.pending += len(u.params)  # zero bubble: I of the next micro-batch may come before this W
 
     def _grad_ready(self, u: Unit) -> None:
         u.pending -= 1
@@ -170,7 +171,9 @@ class Zero3:
             if u.grad.untyped_storage().size():
                 self._reduce(u)
             self._free(u)
+            u.pending = 0
         for unit in self.kept_units:
+            unit.pending = 0
             self._reduce(unit)
             unit.keep = False
             self._free(unit)
