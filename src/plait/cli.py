@@ -182,9 +182,10 @@ def _report(result) -> None:
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
         print(f"validation loss {first:.3f} -> {last:.3f}")
     if result.timeline:
-        m, s, p = (result.timeline[k]["bubble_fraction"] for k in ("measured", "simulated", "predicted"))
-        print(f"pipeline step: measured bubble {m:.3f}; simulator {s:.3f} replaying each action's time, "
-              f"{p:.3f} from mean times per stage (timeline.png, timeline.json)")
+        m, s, e, p = (result.timeline[k]["bubble_fraction"] for k in ("measured", "simulated", "expected", "predicted"))
+        print(f"pipeline step: measured bubble {m:.3f}; simulator: {s:.3f} replaying each action's time, "
+              f"{e:.3f} expected from the spread of times per stage ({p:.3f} at mean times); "
+              "timeline.png, timeline.json")
     print(f"outputs: {Path(result.out).resolve()} (metrics.jsonl, config.toml, loss.png, tb/, checkpoints/)")
 
 

@@ -205,7 +205,7 @@ def test_timeline_of_a_real_pipeline_step(corpus_file, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "timeline.json").read_text())
     assert len(report["measured"]["peak_inflight"]) == 2 and report["measured"]["peak_inflight"][0] == 2
-    assert all(0 <= report[k]["bubble_fraction"] < 1 for k in ("measured", "simulated", "predicted"))
+    assert all(0 <= report[k]["bubble_fraction"] < 1 for k in ("measured", "simulated", "expected", "predicted"))
     ops, mbs = {e[1] for e in report["events"]}, {e[2] for e in report["events"]}
     assert ops == {"F", "B"} and len(report["events"]) == 2 * len(mbs) * 2  # ranks x micro-batches x (F, B)
     assert (out / "timeline.png").stat().st_size > 1000

@@ -94,11 +94,30 @@ def test_compare_finds_idle_that_the_schedule_does_not_explain():
     exact = compare(_traces(tl), acts)
     assert exact["measured"]["bubble_fraction"] == pytest.approx(exact["simulated"]["bubble_fraction"])
     assert exact["predicted"]["makespan"] == pytest.approx(tl.makespan)  # equal costs: the means are exact
+    assert exact["expected"]["makespan"] == pytest.approx(tl.makespan)  # and there is no spread to draw from
     last_b = next(e for e in tl.events if e.rank == 1 and e.action == Action("B", 7))
     late = compare(_traces(tl, after=last_b.start, by=1.0), acts)  # rank 1 idles 1.0 before its last B
     assert late["measured"]["makespan"] == pytest.approx(tl.makespan + 1.0)
     assert late["simulated"]["makespan"] == pytest.approx(tl.makespan)
     assert late["measured"]["bubble_fraction"] > late["simulated"]["bubble_fraction"]
+
+
+def test_a_spread_of_action_times_lengthens_the_expected_step():
+    """The makespan is a maximum of sums of action times, so convex in them: drawing times from
+    their spread gives a longer step on average than the mean times do (Jensen)."""
+    acts = SCHEDULES["1f1b"].actions(2, 8)
+    tl = simulate(acts)
+    traces = _traces(tl)
+    for trace in traces:  # every other backward takes 3 instead of 2, shifting what follows
+        late = 0.0
+        for i, (a, start, end) in enumerate(trace):
+            extra = 1.0 if a.op == "B" and a.mb % 2 else 0.0
+            trace[i] = (a, start + late, end + late + extra)
+            late += extra
+    report = compare(traces, acts)
+    assert report["expected"]["makespan"] > report["predicted"]["makespan"]
+    low, high = report["expected"]["bubble_p10_p90"]
+    assert low <= report["expected"]["bubble_fraction"] <= high
 
 
 def test_validator_rejects_missing_duplicate_and_deadlock():

@@ -89,12 +89,36 @@ def transfer_latency(tl: Timeline) -> float:
     return max(0.0, mean(delays)) if delays else 0.0
 
 
+def expected(tl: Timeline, actions: list[list], comm: float, draws: int = 100, seed: int = 0) -> dict:
+    """The bubble to expect from the measured spread of action times: the mean over ``draws``
+    simulations in which every action takes a time drawn from the measured times of its kind on
+    its stage. Above the bubble at mean times: a long action on the critical path delays the step,
+    a short one off it gains nothing."""
+    import random
+    from statistics import mean, quantiles
+
+    pool: dict[tuple[int, str], list[float]] = {}
+    for e in tl.events:
+        pool.setdefault((e.stage, e.action.op), []).append(e.end - e.start)
+    rng, costs = random.Random(seed), mean_costs(tl, comm)
+    sims = [simulate(actions, costs, {(e.rank, e.action): rng.choice(pool[(e.stage, e.action.op)])
+                                      for e in tl.events}) for _ in range(draws)]
+    bubbles = [t.bubble_fraction for t in sims]
+    deciles = quantiles(bubbles, n=10)
+    return {"makespan": mean(t.makespan for t in sims), "bubble_fraction": mean(bubbles),
+            "bubble_p10_p90": [deciles[0], deciles[-1]], "draws": draws}
+
+
 def compare(traces: list[list[tuple]], actions: list[list]) -> dict:
-    """The measured step beside two simulations of the same action lists, both with the measured
-    transfer latency: ``simulated`` replays each action's own measured time (it checks the runtime:
-    any idle beyond what the schedule's dependencies imply shows as a difference), ``predicted``
-    uses the mean time of each kind of action on each stage (the planner's view: it cannot know
-    which single action runs long)."""
+    """The measured step beside simulations of the same action lists, all with the measured
+    transfer latency:
+
+    - ``simulated`` replays each action's own measured time. It checks the runtime: any idle beyond
+      what the schedule's dependencies imply shows as a difference.
+    - ``expected`` draws each action's time from the measured times of its kind on its stage
+      (``expected()``): the bubble to expect at this spread.
+    - ``predicted`` gives each action the mean time of its kind on its stage (the planner's view:
+      it cannot know which single action runs long)."""
     real = measured(traces)
     comm = transfer_latency(real)
     costs = mean_costs(real, comm)
@@ -102,7 +126,7 @@ def compare(traces: list[list[tuple]], actions: list[list]) -> dict:
     predicted = simulate(actions, costs)
     t0 = min(e.start for e in real.events)
     events = [[e.rank, e.action.op, e.action.mb, e.action.chunk, e.start - t0, e.end - t0] for e in real.events]
-    return {"measured": real.summary(), "simulated": replay.summary(), "predicted": predicted.summary(),
-            "events": events, "busy_s": [real.busy(r) for r in range(real.pp)],
+    return {"measured": real.summary(), "simulated": replay.summary(), "expected": expected(real, actions, comm),
+            "predicted": predicted.summary(), "events": events, "busy_s": [real.busy(r) for r in range(real.pp)],
             "stage_costs_s": [{"f": c.f, "b": c.b, "w": c.w} for c in costs], "comm_s": comm,
             "timelines": (real, replay, predicted)}
