@@ -219,6 +219,7 @@ class PipelineParallel:
         if live.inp is not None:
             params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
             g, live.weight_grad = input_grad(live.out, live.grad, live.inp, params)
+            live.grad = None  # W needs only what input_grad kept
             self._send(g, (GRAD, chunk.stage - 1, a.mb))
 
     def _weight_grad(self, a: Action, ctx: StepContext) -> None:

@@ -13,11 +13,14 @@ Parameters are grouped by shared frontier nodes and W runs one backward per grou
 the group's parameters: a frontier seeded in one group cannot push gradient into another group's
 parameters through the activation path. A group in which one frontier lies above another (a weight
 used twice at different depths) would count that gradient twice; such a group, and parameters no
-frontier reaches, take a plain backward from the chunk's output instead.
+frontier reaches, take a plain backward from the chunk's output instead. That walks the chunk
+again, so tensor hooks and collectives on the activation path run a second time (on every rank
+alike, so results stay right; under ZeRO-3 the blocks on that path stay gathered until the step
+ends). No model in plait takes this path.
 
 Nothing here communicates. Collectives inside the graph (tensor parallel's conjugate functions,
-the vocab-parallel loss) sit on the activation path and run during I; W runs only the parameter
-side, whose gradients data parallel reduces through its accumulation hooks as before.
+the vocab-parallel loss) sit on the activation path and run during I; W (but for the fallback)
+runs only the parameter side, whose gradients data parallel reduces through its accumulation hooks.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def input_grad(out: torch.Tensor, grad: torch.Tensor | None, inp: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
+
+    grad = grad if plain else None  # held until W only where the fallback needs it
 
     def weight_grad() -> None:
         for group_params, nodes in groups:
