@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"plait: error: {message} (see plait {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"plait: error: {message} (see {self.prog} --help)\n")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="plait", description="Train transformer language models on many processes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices  # command name -> its parser
     train = sub.add_parser("train", help="train a model (default: a small GPT on the embedded corpus)")
     _config_args(train)
     train.add_argument("--out", help="output folder (default: runs/<date-time>); must not hold a run")
@@ -244,7 +245,10 @@ COMMANDS = {"train": cmd_train, "verify": cmd_verify, "bench": cmd_bench, "sched
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser, so the hint names the command
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)

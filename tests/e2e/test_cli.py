@@ -233,6 +233,13 @@ def test_schedule_bad_input(args, field):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["train"], ["schedule"], ["bench", "pp"]])
+def test_an_unknown_flag_points_to_the_commands_own_help(command):
+    r = plait(*command, "--no-such-flag")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"unrecognized arguments: --no-such-flag (see plait {command[0]} --help)" in r.stderr
+
+
 @pytest.mark.parametrize("zero, baseline", [(2, "torch ZeroRedundancyOptimizer + DDP"),
                                             (3, "torch fully_shard (FSDP2)")])
 def test_bench_zero_reports_speed_and_model_state_bytes(corpus_file, zero, baseline):
