@@ -8,7 +8,8 @@ of the measured steps after a warm-up.
 - ``dp``: plait's bucketed data parallel vs ``DistributedDataParallel``.
 - ``tp``: plait's tensor parallel (explicit f/g collectives) vs DTensor's ``parallelize_module``
   (ColwiseParallel / RowwiseParallel, SequenceParallel when sequence parallel is on, loss_parallel).
-- ``pp``: plait's 1F1B runtime vs ``torch.distributed.pipelining``'s Schedule1F1B on the same stages.
+- ``pp``: plait's pipeline runtime vs ``torch.distributed.pipelining``'s Schedule1F1B on the same
+  stages (``--set parallel.schedule=gpipe|interleaved``: ScheduleGPipe, ScheduleInterleaved1F1B).
 - ``zero``: plait's ZeRO-1/2 vs ``ZeroRedundancyOptimizer`` (PyTorch's ZeRO-1) over DDP, with the
   model-state bytes per rank (parameters, gradients, optimizer moments) of each.
 """
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import comm
 from .config import RunConfig
+from .errors import ConfigError
 from .launch import run_local
 from .models import build_model, num_params
 from .parallel.hybrid import parallelize
@@ -189,18 +191,22 @@ def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
 
 
 class _TorchStage(nn.Module):
-    """This rank's stage as one module for torch.distributed.pipelining (the same split as ours)."""
+    """One of this rank's chunks as a module for torch.distributed.pipelining (the same split as
+    ours); it owns only the chunk's modules, so torch scales each gradient once."""
 
-    def __init__(self, model: nn.Module, run):
+    def __init__(self, modules: list[nn.Module], run):
         super().__init__()
-        self.model, self._run = model, run
+        self.parts, self._run = nn.ModuleList(modules), run
 
     def forward(self, x):
         return self._run(x)
 
 
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
+
+
 def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    import torch.distributed.pipelining as tp_pipe
 
     from .parallel.pipeline import apply_pipeline, microbatches, sum_tied_grads
 
@@ -209,26 +215,41 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     model = _fresh_model(cfg, device)
     tied = model.lm_head.weight is model.tok_emb.weight
     pipe = apply_pipeline(model, groups, cfg)  # the same stages, run by torch's schedule
-    chunk = pipe.chunks[0]
-    stage = PipelineStage(_TorchStage(model, lambda x: pipe.run_chunk(chunk, x)), chunk.stage, cfg.parallel.pp,
-                          device, group=groups.pp)
-    schedule = Schedule1F1B(stage, microbatches(cfg), loss_fn=_ce)
+    p = cfg.parallel
+    stages = [tp_pipe.PipelineStage(_TorchStage(_chunk_modules(model, c), lambda x, c=c: pipe.run_chunk(c, x)),
+                                    c.stage, p.pp * p.virtual_stages, device, group=groups.pp)
+              for c in pipe.chunks]
+    name = TORCH_SCHEDULES[p.schedule]
+    cls = getattr(tp_pipe, name)
+    schedule = cls(stages, microbatches(cfg), loss_fn=_ce) if len(stages) > 1 else \
+        cls(stages[0], microbatches(cfg), loss_fn=_ce)
     opt = build_optimizer(model.parameters(), cfg.train)
     finish = (lambda: sum_tied_grads(model, groups.embed)) if tied else (lambda: None)  # same work as ours
-    theirs = Contender(model, opt, _ce, finish, step=lambda micro: _torch_pipeline_step(schedule, chunk, micro))
+    theirs = Contender(model, opt, _ce, finish, step=lambda micro: _torch_pipeline_step(schedule, pipe, micro))
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
-    return _summary(cfg, times, "torch.distributed.pipelining Schedule1F1B", num_params(build_model(cfg.model)))
+    result = _summary(cfg, times, f"torch.distributed.pipelining {name}", num_params(build_model(cfg.model)))
+    if result is not None:
+        result.update(schedule=p.schedule, virtual_stages=p.virtual_stages)
+    return result
 
 
-def _torch_pipeline_step(schedule, chunk, micro: list) -> None:
+def _chunk_modules(model: nn.Module, chunk) -> list[nn.Module]:
+    mods = [model.blocks[k] for k in chunk.blocks]
+    mods += [m for m in (model.tok_emb, model.pos_emb) if m is not None] if chunk.first else []
+    mods += [model.norm, model.lm_head] if chunk.last else []
+    return mods
+
+
+def _torch_pipeline_step(schedule, pipe, micro: list) -> None:
     x = torch.cat([m[0] for m in micro])
     y = torch.cat([m[1] for m in micro])
-    if chunk.first:
-        schedule.step(x)
-    elif chunk.last:
-        schedule.step(target=y)
+    first = any(c.first for c in pipe.chunks)
+    last = any(c.last for c in pipe.chunks)
+    kwargs = {"target": y} if last else {}
+    if first:
+        schedule.step(x, **kwargs)
     else:
-        schedule.step()
+        schedule.step(**kwargs)
 
 
 def _local_bytes(tensors) -> int:
@@ -312,6 +333,10 @@ BENCHES = {
 
 def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int = 8, warmup: int = 3) -> dict:
     """Run benchmark ``what`` on ``nproc`` local processes; the result row of rank 0."""
+    if what == "pp" and cfg.parallel.schedule not in TORCH_SCHEDULES:
+        raise ConfigError("parallel.schedule", cfg.parallel.schedule,
+                          f"plait bench pp races torch's counterpart of {', '.join(TORCH_SCHEDULES)}; "
+                          "torch has no ZB-H1 with one stage per rank")
     load_corpus(cfg.data, cfg.model.seq_len)
     worker = BENCHES[what][1]
     return run_local(worker, nproc, (cfg, max(iters, 5), warmup), timeout_s=1800)[0]

@@ -149,6 +149,24 @@ def test_bench_dp_reports_both_sides(corpus_file):
     assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
 
 
+@pytest.mark.parametrize("schedule, baseline", [("gpipe", "ScheduleGPipe"), ("1f1b", "Schedule1F1B"),
+                                               ("interleaved", "ScheduleInterleaved1F1B")])
+def test_bench_pp_races_torchs_own_schedule(corpus_file, schedule, baseline):
+    v = 2 if schedule == "interleaved" else 1
+    r = plait("bench", "pp", *tiny_args(corpus_file), "--nproc", "2", "--iters", "5", "--warmup", "1", "--json",
+              "--set", "model.layers=4", "--set", f"parallel.schedule={schedule}",
+              "--set", f"parallel.virtual_stages={v}")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"] == f"torch.distributed.pipelining {baseline}" and d["virtual_stages"] == v
+    assert d["ours_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
+
+
+def test_bench_pp_says_torch_has_no_zb_h1():
+    r = plait("bench", "pp", "--set", "parallel.schedule=zb")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "parallel.schedule" in r.stderr
+
+
 def test_config_file_beats_command_defaults_and_set_beats_file(tmp_path):
     from plait.cli import build_parser, load_config
 
