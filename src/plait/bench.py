@@ -216,9 +216,9 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     tied = model.lm_head.weight is model.tok_emb.weight
     pipe = apply_pipeline(model, groups, cfg)  # the same stages, run by torch's schedule
     p = cfg.parallel
-    stages = [tp_pipe.PipelineStage(_TorchStage(_chunk_modules(model, c), lambda x, c=c: pipe.run_chunk(c, x)),
+    stages = [tp_pipe.PipelineStage(_TorchStage(pipe.chunk_modules(i), lambda x, c=c: pipe.run_chunk(c, x)),
                                     c.stage, p.pp * p.virtual_stages, device, group=groups.pp)
-              for c in pipe.chunks]
+              for i, c in enumerate(pipe.chunks)]
     name = TORCH_SCHEDULES[p.schedule]
     cls = getattr(tp_pipe, name)
     schedule = cls(stages, microbatches(cfg), loss_fn=_ce) if len(stages) > 1 else \
@@ -231,13 +231,6 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     if result is not None:
         result.update(schedule=p.schedule, virtual_stages=p.virtual_stages)
     return result
-
-
-def _chunk_modules(model: nn.Module, chunk) -> list[nn.Module]:
-    mods = [model.blocks[k] for k in chunk.blocks]
-    mods += [m for m in (model.tok_emb, model.pos_emb) if m is not None] if chunk.first else []
-    mods += [model.norm, model.lm_head] if chunk.last else []
-    return mods
 
 
 def _torch_pipeline_step(schedule, pipe, micro: list) -> None:

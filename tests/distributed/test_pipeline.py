@@ -33,15 +33,20 @@ def test_more_pipeline_layouts(corpus_file, layout):
     assert rows[0]["ok"], rows
 
 
-def _held_sends(cfg):
-    """One training step; (peak bytes of sends held, bytes of one activation, micro-batches)."""
-    import torch
-
+def _trainer(cfg):
+    """One rank's Trainer, as train_worker builds it (inside a spawned worker)."""
     from plait import comm
     from plait.train.data import load_corpus
     from plait.train.trainer import Trainer
 
-    trainer = Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
+    return Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
+
+
+def _held_sends(cfg):
+    """One training step; (peak bytes of sends held, bytes of one activation, micro-batches)."""
+    import torch
+
+    trainer = _trainer(cfg)
     trainer.step(0)
     pipe = trainer.pm.pipeline
     one = cfg.train.micro_batch * cfg.model.seq_len * cfg.model.hidden * torch.finfo(pipe.dtype).bits // 8
@@ -63,11 +68,7 @@ def test_sent_tensors_are_let_go_in_flight_not_at_the_end_of_the_step(corpus_fil
 
 def _losses(cfg, by_order):
     """Three steps with messages matched by tag (gloo) or by order alone (tag 0, as NCCL does)."""
-    from plait import comm
-    from plait.train.data import load_corpus
-    from plait.train.trainer import Trainer
-
-    trainer = Trainer(cfg, load_corpus(cfg.data, cfg.model.seq_len, progress=False), comm.pick_device())
+    trainer = _trainer(cfg)
     trainer.pm.pipeline.match_by_order = by_order
     return [(row["loss"], row["grad_norm"]) for row in (trainer.step(s) for s in range(3))]
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .schedules import Action, Schedule, place
-from .transfers import ACT, GRAD, Message, SendTracker, pair_orders, sender
+from .transfers import ACT, GRAD, Message, SendTracker, sender, step_plan
 from .zero_bubble import input_grad
 
 
@@ -156,19 +156,9 @@ class PipelineParallel:
         self._mark = time.perf_counter()  # the action's compute starts once its input is here
         return buf
 
-    def _needs(self, a: Action) -> Message | None:
-        """The message action ``a`` waits for, if any."""
-        stage = self.chunks[a.chunk].stage
-        if a.op == "F" and stage > 0:
-            return ACT, stage, a.mb
-        if a.op in ("B", "I") and stage < self.num_stages - 1:
-            return GRAD, stage, a.mb
-        return None
-
-    def _prefetch(self, a: Action) -> None:
-        """Post the receive that action ``a`` will need (if its turn has come), so the transfer
-        overlaps this action's compute."""
-        msg = self._needs(a)
+    def _prefetch(self, msg: Message | None) -> None:
+        """Post the receive of ``msg`` (if its turn has come), so the transfer overlaps this
+        action's compute."""
         if msg is not None:
             self._advance(place(sender(msg), self.pp)[0], (False, msg))
 
@@ -217,8 +207,7 @@ class PipelineParallel:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
         live.grad = self._out_grad(chunk, a.mb)
         if live.inp is not None:
-            params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
-            g, live.weight_grad = input_grad(live.out, live.grad, live.inp, params)
+            g, live.weight_grad = input_grad(live.out, live.grad, live.inp, self._chunk_params(a.chunk))
             live.grad = None  # W needs only what input_grad kept
             self._send(g, (GRAD, chunk.stage - 1, a.mb))
 
@@ -227,34 +216,34 @@ class PipelineParallel:
         if live.weight_grad is not None:
             live.weight_grad()
         else:  # the first stage: no input gradient, so I did nothing and W is the whole backward
-            params = [p for p in self._chunk_params(a.chunk) if p.requires_grad]
-            torch.autograd.backward(live.out, live.grad, inputs=params)
+            torch.autograd.backward(live.out, live.grad, inputs=self._chunk_params(a.chunk))
         ctx.release(a)
 
-    def _chunk_params(self, c: int) -> list[nn.Parameter]:
+    def chunk_modules(self, c: int) -> list[nn.Module]:
+        """The modules of this rank's chunk ``c``: its blocks, plus the embedding on the first
+        stage and the final norm and output layer on the last."""
         chunk, m = self.chunks[c], self.model
         mods = [m.blocks[k] for k in chunk.blocks]
         mods += [m.tok_emb, m.pos_emb] if chunk.first else []
         mods += [m.norm, m.lm_head] if chunk.last else []
-        return [p for mod in mods if mod is not None for p in mod.parameters()]
+        return [mod for mod in mods if mod is not None]
+
+    def _chunk_params(self, c: int) -> list[nn.Parameter]:
+        return [p for mod in self.chunk_modules(c) for p in mod.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- steps
 
     def train_step(self, ctx: StepContext) -> torch.Tensor:
         """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
-        m, v = len(ctx.micro), len(self.chunks)
-        everyone = [self.schedule.fn(self.pp, m, v, r) for r in range(self.pp)]
-        acts = everyone[self.pp_rank]
-        self.sends = SendTracker(everyone)
-        self._orders = pair_orders(everyone, self.pp_rank)
+        plan = step_plan(self.schedule, self.pp, len(ctx.micro), len(self.chunks), self.pp_rank)
+        self.sends, self._orders = SendTracker(plan, self.pp), plan.orders
         self._next = dict.fromkeys(self._orders, 0)
-        final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}  # each chunk's last backward
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
-        for i, a in enumerate(acts):
+        for i, a in enumerate(plan.actions):
             self._mark = time.perf_counter()  # the action's work starts now, or once its input arrives (_recv)
-            for upcoming in acts[i:i + 2]:  # receives posted in action order: per tag, the send order
-                self._prefetch(upcoming)
-            sync = contextlib.nullcontext() if i in final.values() else ctx.no_sync()
+            for msg in plan.awaits[i:i + 2]:  # receives posted in action order: per tag, the send order
+                self._prefetch(msg)
+            sync = contextlib.nullcontext() if i in plan.last_backward else ctx.no_sync()
             with sync:
                 run[a.op](a, ctx)
             if self.trace is not None:

@@ -24,9 +24,12 @@ end of the step, as before. On NCCL the same waits only order streams.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 
-from .schedules import Action, place
+from .schedules import Action, Schedule, place, stage_of
 from .simulate import simulate
 
 ACT, GRAD = 0, 1  # transfer kinds: activation to stage s+1, input gradient to stage s-1
@@ -39,6 +42,15 @@ def message(a: Action, stage: int, last: int) -> Message | None:
         return ACT, stage + 1, a.mb
     if a.op in ("B", "I") and stage > 0:
         return GRAD, stage - 1, a.mb
+    return None
+
+
+def awaited(a: Action, stage: int, last: int) -> Message | None:
+    """What action ``a`` on ``stage`` waits for, if anything."""
+    if a.op == "F" and stage > 0:
+        return ACT, stage, a.mb
+    if a.op in ("B", "I") and stage < last:
+        return GRAD, stage, a.mb
     return None
 
 
@@ -66,12 +78,37 @@ def pair_orders(actions: list[list[Action]], rank: int) -> dict[int, list[tuple[
     return orders
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What one rank's training step follows, derived from the schedule alone: built once per
+    (schedule, pp, micro-batches, v, rank) by ``step_plan`` and reused every step."""
+
+    actions: list[Action]  # this rank's
+    position: dict[tuple[int, str, int, int], int]  # (rank, op, mb, chunk) -> its number on that rank
+    orders: dict[int, list[tuple[bool, Message]]]  # pair_orders for this rank
+    awaits: list[Message | None]  # per action of this rank, the message it waits for
+    last_backward: frozenset[int]  # numbers of each chunk's last B or W (data-parallel traffic allowed)
+
+
+@cache
+def step_plan(schedule: Schedule, pp: int, m: int, v: int, rank: int) -> StepPlan:
+    everyone = schedule.actions(pp, m, v)
+    acts = everyone[rank]
+    final = {a.chunk: i for i, a in enumerate(acts) if a.op in ("B", "W")}
+    return StepPlan(
+        actions=acts,
+        position={(r, a.op, a.mb, a.chunk): i for r in range(pp) for i, a in enumerate(everyone[r])},
+        orders=pair_orders(everyone, rank),
+        awaits=[awaited(a, stage_of(rank, a.chunk, pp), pp * v - 1) for a in acts],
+        last_backward=frozenset(final.values()))
+
+
 class SendTracker:
     """Tensors in flight per peer rank, released as the peer's progress proves them received."""
 
-    def __init__(self, actions: list[list[Action]]):
-        self.pp = pp = len(actions)
-        self._index = {(r, a.op, a.mb, a.chunk): i for r in range(pp) for i, a in enumerate(actions[r])}
+    def __init__(self, plan: StepPlan, pp: int):
+        self.pp = pp
+        self._index = plan.position
         self._pending: dict[int, list[tuple[int, object, torch.Tensor]]] = {}  # peer -> (consumer index, work, t)
         self._progress: dict[int, int] = {}  # peer -> highest action number known started
         self.held_bytes = 0
