@@ -83,14 +83,10 @@ def group_size(group) -> int:
 # identity on a group of one. Tensors are (batch, seq, features): "seq" is dim 1, "last" is dim -1.
 
 
-def _size(group) -> int:
-    return dist.get_world_size(group)
-
-
 def all_gather_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather along ``dim`` (rank order). One copy: the ranks' slices arrive stacked in front
     and are interleaved into place by the final reshape."""
-    n = _size(group)
+    n = group_size(group)
     if n == 1:
         return x
     dim = dim % x.dim()
@@ -103,7 +99,7 @@ def all_gather_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 def reduce_scatter_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Sum over the group, each rank keeping its 1/n slice along ``dim``. One copy: the slices are
     stacked in front so that the result lands contiguous."""
-    n = _size(group)
+    n = group_size(group)
     if n == 1:
         return x
     dim = dim % x.dim()
@@ -115,14 +111,14 @@ def reduce_scatter_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 def split_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """This rank's 1/n slice along ``dim`` (no communication)."""
-    n = _size(group)
+    n = group_size(group)
     if n == 1:
         return x
     return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    if _size(group) > 1:
+    if group_size(group) > 1:
         all_reduce_(x, group)
     return x
 
@@ -147,6 +143,8 @@ def _identity(x: torch.Tensor, group) -> torch.Tensor:
 
 def _all_reduce_copy(grad: torch.Tensor, group) -> torch.Tensor:
     """All-reduce a copy: the incoming gradient may be shared, e.g. the caller's own."""
+    if group_size(group) == 1:
+        return grad
     return _all_reduce(grad.clone(memory_format=torch.contiguous_format), group)
 
 

@@ -346,11 +346,6 @@ def _validate_pipeline(cfg: RunConfig) -> None:
                           f"give {stages} positive block counts summing to model.layers={m.layers}")
 
 
-def _not_yet(name: str, value: object, used: bool, what: str) -> None:
-    if used:
-        raise ConfigError(name, value, f"{what} is not supported yet; use the default")
-
-
 def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:
     for key in ("steps", "global_batch", "micro_batch", "lr", "eval_batches", "log_every"):
         _positive(f"train.{key}", getattr(t, key))

@@ -77,7 +77,9 @@ class DataParallel:
         self._sync = True
         self._next = 0
         hook = self._on_grad_ready
-        self._hooks = [p.register_post_accumulate_grad_hook(hook) for p in params] if self.dp > 1 else []
+        if self.dp > 1:
+            for p in params:
+                p.register_post_accumulate_grad_hook(hook)
         self._reset()
 
     @staticmethod
@@ -154,7 +156,7 @@ class DataParallel:
 
     def steady_grad_bytes(self) -> int:
         """Gradient bytes held between steps (the buckets)."""
-        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+        return self.grad_bytes()
 
     def begin_step(self) -> None:
         """Before the step's first backward: nothing for plain data parallel (ZeRO-2 allocates)."""

@@ -20,7 +20,7 @@ Model states per rank with fp32 AdamW: 16/dp bytes a parameter. Traffic: 1.5x da
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,6 @@ class Unit:
     pending: int = 0
     gathered: bool = False
     keep: bool = False  # the root unit: gathered for the whole step
-    hooks: list = field(default_factory=list)
 
 
 def _release(t: torch.Tensor) -> None:
@@ -55,8 +54,6 @@ def _restore(t: torch.Tensor) -> None:
 
 class Zero3:
     """Parameter, gradient and optimizer-state sharding over ``group`` (see the module docstring)."""
-
-    stage = 3
 
     def __init__(self, module: nn.Module, group, isolate: nn.Parameter | None = None):
         """``isolate``: a parameter kept in a unit of its own (see DataParallel)."""
@@ -119,8 +116,9 @@ class Zero3:
         dist.all_gather_single(u.alias, u.shard, group=self.group)
         u.gathered = True
 
-    def _free(self, u: Unit) -> None:
-        if u.gathered and not u.keep:
+    def _free(self, u: Unit, force: bool = False) -> None:
+        """Release the unit's full parameters (a kept unit only when ``force``)."""
+        if u.gathered and (force or not u.keep):
             _release(u.full)
             u.gathered = False
 
@@ -175,9 +173,7 @@ class Zero3:
         for unit in self.kept_units:
             unit.pending = 0
             self._reduce(unit)
-            unit.keep = False
-            self._free(unit)
-            unit.keep = True
+            self._free(unit, force=True)
 
     def zero_grad(self) -> None:
         for u in self.all_units:
@@ -195,9 +191,7 @@ class Zero3:
             yield
         finally:
             for u in self.all_units:
-                u.keep, keep = False, u.keep
-                self._free(u)
-                u.keep = keep
+                self._free(u, force=True)
 
     def optimizer_params(self) -> list[nn.Parameter]:
         return [seg for seg, _ in self.segments]

@@ -6,9 +6,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import comm
 from ..config import TrainConfig
 
 
@@ -54,19 +54,17 @@ def clip_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor], 
     grads_s = [p.grad for p in sharded if p.grad is not None]
     grads_r = [p.grad for p in replicated if p.grad is not None]
     device = (grads_s + grads_r)[0].device if grads_s or grads_r else torch.device("cpu")
-    sq = _squared_norm(grads_s, device)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sq, group=group)
-    sq = sq + _squared_norm(grads_r, device)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(sq, group=dp_group)
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(sq, group=pp_group)
-    total = sq.sqrt()
+    sq = _sum_over(_squared_norm(grads_s, device), group) + _squared_norm(grads_r, device)
+    total = _sum_over(_sum_over(sq, dp_group), pp_group).sqrt()
     if max_norm > 0:
-        grads = grads_s + grads_r + [p.grad for p in copies if p.grad is not None]
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        torch.nn.utils.clip_grads_with_norm_([*sharded, *replicated, *copies], max_norm, total)
     return float(total)
+
+
+def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and comm.group_size(group) > 1:
+        comm.all_reduce_(t, group)
+    return t
 
 
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

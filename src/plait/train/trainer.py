@@ -23,6 +23,7 @@ from .. import comm
 from ..config import RunConfig, to_toml
 from ..models import build_model, generate, num_params
 from ..parallel.hybrid import parallelize
+from ..parallel.pipeline import microbatches
 from ..topology import Topology, build_groups, setup_logging
 from .checkpoint import Checkpointer
 from .data import Corpus, Sampler, load_corpus, val_batches
@@ -161,7 +162,7 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     if lead and opts.out and trainer.pm.pipeline is not None:
         pipe = trainer.pm.pipeline
         log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe.schedule.name,
-                 len(trainer.sampler.batch(0)[0]) // cfg.train.micro_batch, pipe.stage_sizes)
+                 microbatches(cfg), pipe.stage_sizes)
     result = _loop(trainer, opts, lead)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp
@@ -209,7 +210,6 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
 
 def _timeline(trainer: Trainer, opts: RunOptions, lead: bool) -> dict | None:
     """Gather the recorded step over pp; rank 0 compares it with the simulator and draws both."""
-    from ..parallel.pipeline import microbatches
     from ..parallel.pipeline.report import compare
 
     pipe = trainer.pm.pipeline
