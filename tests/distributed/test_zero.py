@@ -43,6 +43,21 @@ def test_model_state_bytes_follow_the_formula(corpus_file, tmp_path, zero, dp):
     assert abs(states / want - 1) < 0.10, (states, want)
 
 
+def test_zero3_gathered_weights_are_not_counted_as_activations(corpus_file, tmp_path):
+    """ZeRO-3 gathers each block's weights into fresh storage before it runs; autograd saves them
+    for backward, but they are parameters, so the activation figure must equal plain dp's."""
+    rows = {}
+    for zero in (0, 3):
+        cfg, nproc = layout_config(tiny_config(corpus_file, "train.steps=1"),
+                                   parse_layouts(f"dp=2,zero={zero}")[0])
+        out = tmp_path / str(zero)
+        out.mkdir()
+        run_local(train_worker, nproc, (cfg, RunOptions(out=out, progress=False)))
+        rows[zero] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[3]["mem_activations_bytes"] == rows[0]["mem_activations_bytes"] > 0
+    assert rows[3]["mem_params_bytes"] < rows[0]["mem_params_bytes"]
+
+
 @pytest.mark.parametrize("layout", ["dp=2", "dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=3", "tp=2", "pp=2",
                                     "dp=2,tp=2,zero=2", "dp=2,tp=2,zero=3"])
 def test_dry_run_agrees_with_a_real_run(corpus_file, tmp_path, layout):

@@ -37,7 +37,9 @@ class ActivationMeter:
     """
 
     def __init__(self, model: nn.Module):
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._model = model
+        self._param_ptrs = self._params_now()
+        self._held = 0  # bytes of every live key
         self._live: dict[object, int] = {}
         self.peak = 0
 
@@ -49,16 +51,22 @@ class ActivationMeter:
         def pack(t: torch.Tensor) -> torch.Tensor:
             ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
             if ptr not in self._param_ptrs and ptr not in seen:
+                self._param_ptrs = self._params_now()  # ZeRO-3 gathers parameters into new storage
+            if ptr not in self._param_ptrs and ptr not in seen:
                 seen.add(ptr)
                 self._live[key] += t.untyped_storage().nbytes()
-                self.peak = max(self.peak, sum(self._live.values()))
+                self._held += t.untyped_storage().nbytes()
+                self.peak = max(self.peak, self._held)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
 
+    def _params_now(self) -> set[int]:
+        return {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+
     def release(self, key) -> None:
-        self._live.pop(key, None)
+        self._held -= self._live.pop(key, 0)
 
 
 class MetricsWriter:
