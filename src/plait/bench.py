@@ -324,15 +324,32 @@ BENCHES = {
 }
 
 
+# What each race compares, as (field, test on its value, what is valid): other layouts would be
+# labelled as a race they are not.
+REQUIRES = {
+    "dp": [("parallel.tp", lambda v: v == 1, "1"), ("parallel.pp", lambda v: v == 1, "1"),
+           ("parallel.zero", lambda v: v == 0, "0 (plait bench zero races ZeRO)")],
+    "zero": [("parallel.zero", lambda v: v > 0, "1, 2 or 3 (plait bench dp races plain data parallel)")],
+    "tp": [("parallel.tp", lambda v: v > 1, "more than 1"), ("parallel.pp", lambda v: v == 1, "1")],
+    "pp": [("parallel.pp", lambda v: v > 1, "more than 1"),
+           ("parallel.schedule", lambda v: v in TORCH_SCHEDULES,
+            f"one of {', '.join(TORCH_SCHEDULES)}: torch has no ZB-H1 with one stage per rank")],
+}
+
+
 def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int = 8, warmup: int = 3) -> dict:
     """Run benchmark ``what`` on ``nproc`` local processes; the result row of rank 0."""
-    if what == "pp" and cfg.parallel.schedule not in TORCH_SCHEDULES:
-        raise ConfigError("parallel.schedule", cfg.parallel.schedule,
-                          f"plait bench pp races torch's counterpart of {', '.join(TORCH_SCHEDULES)}; "
-                          "torch has no ZB-H1 with one stage per rank")
+    for field, ok, valid in REQUIRES[what]:
+        section, key = field.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not ok(value):
+            raise ConfigError(field, value, f"plait bench {what} needs {valid}")
+    for field, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0)):
+        if value < least:
+            raise ConfigError(field, value, f"must be at least {least}")
     load_corpus(cfg.data, cfg.model.seq_len)
     worker = BENCHES[what][1]
-    return run_local(worker, nproc, (cfg, max(iters, 5), warmup), timeout_s=1800)[0]
+    return run_local(worker, nproc, (cfg, iters, warmup), timeout_s=1800)[0]
 
 
 def format_result(r: dict) -> str:

@@ -79,6 +79,7 @@ def test_grouped_query_attention_split(corpus_file):
 def test_clipped_grad_norm_counts_each_parameter_once(corpus_file):
     base = tiny_config(corpus_file, "train.dtype=float64", "train.steps=3", "train.grad_clip=0.05")
     ref = _tp_runs(layout_config(base, {})[0], 1)
+    assert min(ref.grad_norms) > 10 * 0.05  # clipping is active at every step
     for layout in ("tp=2", "tp=2,sequence_parallel=true"):
         cfg, n = layout_config(base, parse_layouts(layout)[0])
         got = _tp_runs(cfg, n)

@@ -62,6 +62,7 @@ BAD = [
       "--set", "train.micro_batch=4", "--set", "train.global_batch=12"], "parallel.microbatches"),
     (["--pp", "2", "--set", "parallel.schedule=pipedream"], "parallel.schedule"),
     (["--timeline", "3"], "--timeline"),
+    (["--pp", "2", "--steps", "2", "--timeline", "5"], "--timeline"),
 ]
 
 
@@ -147,6 +148,27 @@ def test_bench_dp_reports_both_sides(corpus_file):
     assert d["baseline"] == "torch DistributedDataParallel"
     assert d["ours_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
     assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
+    assert d["steps_measured"] == 5 and len(d["ours_step_s"]) == len(d["torch_step_s"]) == 5  # --iters 5
+
+
+@pytest.mark.parametrize("sp", ["false", "true"])
+def test_bench_tp_races_dtensor(corpus_file, sp):
+    r = plait("bench", "tp", *tiny_args(corpus_file), "--nproc", "2", "--iters", "3", "--warmup", "1", "--json",
+              "--set", "model.flavour=llama", "--set", f"parallel.sequence_parallel={sp}",
+              "--set", "train.global_batch=4", "--set", "train.micro_batch=4")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"].startswith("torch DTensor") and d["steps_measured"] == 3
+    assert d["layout"] == "dp=1,tp=2,pp=1" + (",sequence_parallel=true" if sp == "true" else "")
+
+
+@pytest.mark.parametrize("args, field", [
+    (["dp", "--zero", "2"], "parallel.zero"), (["zero", "--zero", "0"], "parallel.zero"),
+    (["pp", "--set", "parallel.schedule=zb"], "parallel.schedule"), (["dp", "--iters", "0"], "--iters"),
+])
+def test_bench_refuses_a_layout_it_would_mislabel(args, field):
+    r = plait("bench", *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and field in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("schedule, baseline", [("gpipe", "ScheduleGPipe"), ("1f1b", "Schedule1F1B"),
@@ -160,11 +182,6 @@ def test_bench_pp_races_torchs_own_schedule(corpus_file, schedule, baseline):
     d = json.loads(r.stdout)
     assert d["baseline"] == f"torch.distributed.pipelining {baseline}" and d["virtual_stages"] == v
     assert d["ours_tokens_per_s"] > 0 and d["torch_tokens_per_s"] > 0
-
-
-def test_bench_pp_says_torch_has_no_zb_h1():
-    r = plait("bench", "pp", "--set", "parallel.schedule=zb")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "parallel.schedule" in r.stderr
 
 
 def test_config_file_beats_command_defaults_and_set_beats_file(tmp_path):
@@ -268,6 +285,8 @@ def test_bench_zero_reports_speed_and_model_state_bytes(corpus_file, zero, basel
     assert d["baseline"] == baseline and d["zero"] == zero
     if zero == 2:
         assert d["ours_state_bytes"] < d["torch_state_bytes"]  # ZeRO-2 also shards the gradients
+    else:  # ZeRO-3 and fully_shard both hold 1/dp of parameters, gradients and moments
+        assert d["ours_state_bytes"] == pytest.approx(d["torch_state_bytes"], rel=0.05)
 
 
 def test_dry_run_prints_per_rank_breakdown_and_trains_nothing(tmp_path):
