@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
     bench.add_argument("what", choices=["dp", "tp", "pp", "zero"],
                        help="dp: data parallel vs torch DDP; tp: tensor parallel vs DTensor; "
-                            "pp: 1F1B vs torch.distributed.pipelining; zero: ZeRO vs ZeroRedundancyOptimizer")
+                            "pp: a schedule vs torch.distributed.pipelining's; zero: ZeRO-3 vs fully_shard, "
+                            "--zero 1/2 vs ZeroRedundancyOptimizer")
     _config_args(bench)
     bench.add_argument("--iters", type=int, default=8, help="measured steps (median reported)")
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
