@@ -64,13 +64,14 @@ def all_reduce_(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: boo
     return None
 
 
-def all_reduce_scalar(value: float, group, op=dist.ReduceOp.SUM) -> float:
-    """All-reduce one Python number (in float64) over ``group``."""
-    t = torch.tensor([value], dtype=torch.float64)
+def weighted_mean(value: float, weight: float, group=None) -> float:
+    """sum(value) / sum(weight) over ``group`` (default: every rank), one all-reduce in float64.
+    A rank that holds nothing gives (0, 0)."""
+    t = torch.tensor([value, weight], dtype=torch.float64)
     if dist.get_backend(group) == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=op, group=group)
-    return float(t.item())
+    dist.all_reduce(t, group=group)
+    return float(t[0] / t[1])
 
 
 def group_size(group) -> int:

@@ -80,12 +80,16 @@ class ParallelModel:
                 total = total + self.loss(self.module(x), y, reduction="sum").cpu()
         return total
 
+    @property
+    def holds_loss(self) -> bool:
+        """Whether this rank computes the loss (every rank, or the last pipeline stage's)."""
+        return self.pipeline is None or self.pipeline.chunks[-1].last
+
     def global_loss(self, local: torch.Tensor | float) -> float:
-        """Mean over dp of the loss, which only the last pipeline stage has (one all-reduce each)."""
-        value = float(local)
-        if self.pipeline is not None:
-            value = comm.all_reduce_scalar(value, self.groups.pp)
-        return comm.all_reduce_scalar(value, self.groups.dp) / comm.group_size(self.groups.dp)
+        """Mean over dp of the loss, which only the last pipeline stage has: one all-reduce over
+        every rank of (loss, 1) from the ranks that hold it (tp copies weigh alike)."""
+        held = self.holds_loss
+        return comm.weighted_mean(float(local) if held else 0.0, 1.0 if held else 0.0)
 
     def finish_grads(self) -> None:
         """After the last backward of a step: mean over dp, sp partial sums over tp, tied copies summed."""

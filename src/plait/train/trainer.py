@@ -141,9 +141,8 @@ class Trainer:
         self.model.eval()
         total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
-        if self.pm.pipeline is not None:  # only the last stage has the loss
-            total = comm.all_reduce_scalar(total, self.groups.pp)
-        return comm.all_reduce_scalar(total, self.groups.dp) / comm.all_reduce_scalar(y.numel(), self.groups.dp)
+        held = self.pm.holds_loss  # only the last pipeline stage has the loss
+        return comm.weighted_mean(total if held else 0.0, y.numel() if held else 0.0)
 
 
 
