@@ -61,6 +61,8 @@ def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: in
 class DataParallel:
     """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
 
+    shards_grads = False  # whether each dp rank holds a slice of every gradient (ZeRO), or all of it
+
     def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
                  isolate: nn.Parameter | None = None):
         """``isolate``: a parameter that gets a bucket of its own, last (a tied embedding split over
@@ -72,6 +74,7 @@ class DataParallel:
         groups = plan_buckets(rest, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
         groups += [[isolate]] if isolate is not None else []
         self.isolated = isolate
+        self.segments = [(p, p) for p in params]  # (what the optimizer steps, its model parameter)
         self.buckets = [self._make_bucket(ps) for ps in groups]
         self._bucket_of = {p: b for b in self.buckets for p in b.params}
         self._sync = True

@@ -9,7 +9,7 @@ and bench all build their parallel model here, and the trainer drives a step onl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ class ParallelModel:
     tp: TensorParallel | None = None
     pipeline: PipelineParallel | None = None
     tied: bool = False  # gpt2's embedding split over the first and last pipeline stage
+    _clip_sets: tuple | None = field(default=None, repr=False)  # clip_grads' partition, built once
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy per token (mean or sum); vocabulary-parallel under tp."""
@@ -103,14 +104,12 @@ class ParallelModel:
             else:
                 sum_tied_grads(self.module, self.groups.embed)
 
-    def _sp_slices(self) -> list[torch.Tensor] | None:
-        """Under ZeRO the full gradients are gone (or stale) after the dp reduction: the sequence-
-        parallel sum over tp is applied to the slices instead (sums over dp and tp commute)."""
-        segments = getattr(self.grad_sync, "segments", None)
-        if segments is None:
-            return None
+    def _sp_slices(self) -> list[torch.Tensor]:
+        """The gradients of the sequence-parallel replicated parameters as the optimizer holds them:
+        under ZeRO the full gradients are gone (or stale) after the dp reduction, so the sum over
+        tp is applied to the slices (sums over dp and tp commute)."""
         wanted = {id(p) for p in self.tp.sp_replicated}
-        return [seg.grad for seg, src in segments if id(src) in wanted]
+        return [seg.grad for seg, src in self.grad_sync.segments if id(src) in wanted]
 
     def optimizer_params(self) -> list[nn.Parameter]:
         """What the optimizer updates: the local parameters, or under ZeRO this rank's slices."""
@@ -121,28 +120,24 @@ class ParallelModel:
         self.grad_sync.after_step()
 
     def clip_grads(self, max_norm: float) -> float:
-        """Global-norm clip: tp shards summed over tp, stages summed over pp, every weight once."""
-        if isinstance(self.grad_sync, (ZeroDataParallel, Zero3)):
-            return self._clip_zero(max_norm)
-        sharded = self.tp.sharded if self.tp is not None else {}
-        copy = self.tied and self.module.lm_head is not None  # the last stage's copy of the tied weight
-        params = [(n, p) for n, p in self.module.named_parameters() if not (copy and n == "lm_head.weight")]
-        pp_group = self.groups.pp if self.pipeline is not None else None
-        tp_group = self.tp.group if self.tp is not None else None
-        return clip_grad_norm([p for n, p in params if n in sharded], [p for n, p in params if n not in sharded],
-                              max_norm, tp_group, pp_group, (self.module.lm_head.weight,) if copy else ())
+        """Global-norm clip over what the optimizer steps (ZeRO: this rank's slices, squares summed
+        over dp): tp shards summed over tp, stages summed over pp, the tied weight's copy scaled
+        but counted once."""
+        if self._clip_sets is None:
+            self._clip_sets = self._clip_partition()
+        sharded, replicated, copies = self._clip_sets
+        return clip_grad_norm(sharded, replicated, max_norm, self.tp.group if self.tp is not None else None,
+                              self.groups.pp if self.pipeline is not None else None, copies,
+                              self.groups.dp if self.grad_sync.shards_grads else None)
 
-    def _clip_zero(self, max_norm: float) -> float:
-        """As clip_grads, over this rank's slices (ZeRO), their squares summed over dp too."""
+    def _clip_partition(self) -> tuple[list, list, tuple]:
+        """(tp-sharded, replicated, tied copies) among the optimizer's parameters; fixed for the run."""
         sharded = self.tp.sharded if self.tp is not None else {}
         name = {id(p): n for n, p in self.module.named_parameters()}
         copy = self.module.lm_head.weight if self.tied and self.module.lm_head is not None else None
-        segs = [(s, src) for s, src in self.grad_sync.segments if src is not copy]
-        copies = tuple(s for s, src in self.grad_sync.segments if src is copy)
-        pp_group = self.groups.pp if self.pipeline is not None else None
-        return clip_grad_norm([s for s, src in segs if name[id(src)] in sharded],
-                              [s for s, src in segs if name[id(src)] not in sharded], max_norm,
-                              self.tp.group if self.tp is not None else None, pp_group, copies, self.groups.dp)
+        segs = [(s, name[id(src)] in sharded) for s, src in self.grad_sync.segments if src is not copy]
+        return ([s for s, split in segs if split], [s for s, split in segs if not split],
+                tuple(s for s, src in self.grad_sync.segments if src is copy))
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by name, on CPU (collective over tp and pp; ZeRO-3: dp)."""

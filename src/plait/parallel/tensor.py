@@ -248,11 +248,9 @@ class TensorParallel:
                                               self.vocab, self.group)
         return losses.sum() if reduction == "sum" else losses.mean()
 
-    def finish_grads(self, grads: list[torch.Tensor] | None = None) -> None:
+    def finish_grads(self, grads: list[torch.Tensor | None]) -> None:
         """Sum over tp the partial gradients of replicated parameters used on sequence shards
-        (``grads``: ZeRO's slices of them, which line up across tp ranks)."""
-        if grads is None:
-            grads = [p.grad for p in self.sp_replicated]
+        (``grads``: theirs, or under ZeRO this rank's slices of them, which line up across tp)."""
         grads = [g for g in grads if g is not None]
         if not grads or self.tp == 1:
             return

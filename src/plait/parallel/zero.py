@@ -30,6 +30,8 @@ from .data import Bucket, DataParallel, _attach_views
 class ZeroDataParallel(DataParallel):
     """Data parallel whose optimizer states (stage 1) and gradients (stage 2) are sharded over dp."""
 
+    shards_grads = True  # the optimizer's segments are this rank's slices
+
     def __init__(self, module: nn.Module, group, stage: int, **kw):
         self.stage = stage
         self.rank = dist.get_rank(group)

@@ -55,6 +55,8 @@ def _restore(t: torch.Tensor) -> None:
 class Zero3:
     """Parameter, gradient and optimizer-state sharding over ``group`` (see the module docstring)."""
 
+    shards_grads = True
+
     def __init__(self, module: nn.Module, group, isolate: nn.Parameter | None = None):
         """``isolate``: a parameter kept in a unit of its own (see DataParallel)."""
         self.module, self.group = module, group
