@@ -36,6 +36,7 @@ from .models import build_model, num_params
 from .parallel.hybrid import parallelize
 from .topology import Topology, build_groups
 from .train.data import Sampler, load_corpus
+from .train.metrics import optimizer_bytes, tensor_bytes
 from .train.optim import build_optimizer
 
 
@@ -123,6 +124,12 @@ def _plait(cfg: RunConfig, groups, device) -> Contender:
     return c
 
 
+def _model_params(cfg: RunConfig) -> int:
+    """Parameters of the whole model, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return num_params(build_model(cfg.model))
+
+
 def _ce(logits, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
@@ -187,7 +194,7 @@ def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     model = parallelize_module(_fresh_model(cfg, device), groups.mesh["tp"], plan)
     theirs = Contender(model, _Split(model, cfg), _ce, around=loss_parallel)
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
-    return _summary(cfg, times, "torch DTensor tensor parallel", num_params(build_model(cfg.model)))
+    return _summary(cfg, times, "torch DTensor tensor parallel", _model_params(cfg))
 
 
 class _TorchStage(nn.Module):
@@ -227,7 +234,7 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     finish = (lambda: sum_tied_grads(model, groups.embed)) if tied else (lambda: None)  # same work as ours
     theirs = Contender(model, opt, _ce, finish, step=lambda micro: _torch_pipeline_step(schedule, pipe, micro))
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
-    result = _summary(cfg, times, f"torch.distributed.pipelining {name}", num_params(build_model(cfg.model)))
+    result = _summary(cfg, times, f"torch.distributed.pipelining {name}", _model_params(cfg))
     if result is not None:
         result.update(schedule=p.schedule, virtual_stages=p.virtual_stages)
     return result
@@ -243,11 +250,6 @@ def _torch_pipeline_step(schedule, pipe, micro: list) -> None:
         schedule.step(x, **kwargs)
     else:
         schedule.step(**kwargs)
-
-
-def _local_bytes(tensors) -> int:
-    """Bytes this rank holds, DTensors counted by their local shard."""
-    return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)
 
 
 def _fsdp_contender(cfg: RunConfig, groups, device) -> tuple[Contender, Callable[[], int]]:
@@ -269,16 +271,13 @@ def _fsdp_contender(cfg: RunConfig, groups, device) -> tuple[Contender, Callable
             model.set_requires_gradient_sync(True)
 
     def states() -> int:  # parameters, their sharded gradients (alive from backward to zero_grad), moments
-        moments = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-        return 2 * _local_bytes(model.parameters()) + _local_bytes(moments)
+        return 2 * tensor_bytes(model.parameters()) + optimizer_bytes(opt)
 
     return Contender(model, opt, _ce, no_sync=no_sync), states
 
 
 def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    from .train.metrics import optimizer_bytes, tensor_bytes
 
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
@@ -300,7 +299,7 @@ def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     ours_bytes = ours.param_bytes() + ours.grad_bytes() + optimizer_bytes(ours.optimizer)
     torch_bytes = torch_states()
-    out = _summary(cfg, times, baseline, num_params(build_model(cfg.model)))
+    out = _summary(cfg, times, baseline, _model_params(cfg))
     if out is not None:
         out.update(zero=cfg.parallel.zero, ours_state_bytes=ours_bytes, torch_state_bytes=torch_bytes)
     return out

@@ -163,9 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _dry_run(cfg: C.RunConfig, nproc: int) -> int:
     from .dryrun import dry_run_worker, format_rows
     from .launch import run_local
+    from .train.trainer import param_dtype
 
-    p = cfg.parallel
-    print(f"layout dp={p.dp} tp={p.tp} pp={p.pp} zero={p.zero}: model-state bytes per rank (fp32 AdamW)")
+    p, dtype = cfg.parallel, str(param_dtype(cfg)).removeprefix("torch.")
+    print(f"layout dp={p.dp} tp={p.tp} pp={p.pp} zero={p.zero}: model-state bytes per rank ({dtype} AdamW)")
     print(format_rows(run_local(dry_run_worker, nproc, (cfg,), timeout_s=600)))
     return 0
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes this rank holds; a DTensor counts its local shard."""
+    return sum(t.to_local().nbytes if isinstance(t, DTensor) else t.numel() * t.element_size() for t in tensors)
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:

@@ -177,6 +177,9 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every,
                         cfg.checkpoint.keep, cfg.checkpoint.async_)
     result = TrainResult(out=str(opts.out) if opts.out else None)
+    if lead and cfg.parallel.zero and ckpt.root is not None:
+        log.warning("parallel.zero=%d: checkpoints hold the model but not the optimizer's slices; "
+                    "a resumed run starts its Adam moments afresh", cfg.parallel.zero)
     evaluating = every > 0 and len(trainer.corpus.val) > cfg.model.seq_len
     if evaluating:
         _record_val(trainer, writer, result, {"step": 0})
