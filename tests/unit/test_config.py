@@ -25,6 +25,19 @@ def test_toml_file_then_set_overrides(tmp_path):
     assert cfg.checkpoint.async_ is True
 
 
+@pytest.mark.parametrize("text, field, fragment", [
+    ("[model\nlayers = 2\n", "--config", "not valid TOML"),
+    ("model = 3\n", "model", "a table of key = value"),
+    ("[parallel]\nstage_layers = 3\n", "parallel.stage_layers", "a list of integers such as 2,2"),
+])
+def test_bad_toml_file_names_the_problem(tmp_path, text, field, fragment):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        C.load(f)
+    assert e.value.field == field and fragment in str(e.value) and "\n" not in str(e.value)
+
+
 def test_toml_round_trip(tmp_path):
     cfg = C.load(None, ["model.flavour=llama", "parallel.stage_layers=1,3", "data.path=x y.txt"])
     f = tmp_path / "c.toml"
@@ -40,6 +53,7 @@ def test_toml_round_trip(tmp_path):
     ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel", "true or false"),
     ("train.lr=fast", "train.lr", "expected a number"),
     ("novalue", "--set", "section.key=value"),
+    ("parallel.stage_layers=a,b", "parallel.stage_layers", "expected an integer"),
 ])
 def test_bad_override_names_field_and_valid_values(item, field, fragment):
     with pytest.raises(ConfigError) as e:
@@ -77,6 +91,13 @@ def test_bad_override_names_field_and_valid_values(item, field, fragment):
     (["parallel.pp=2", "parallel.stage_layers=1,2"], 2, "parallel.stage_layers", "summing to model.layers=4"),
     (["parallel.pp=2", "parallel.microbatches=3"], 2, "parallel.microbatches", "global_batch / (dp x micro_batch)"),
     (["parallel.zero=1", "parallel.dp=1"], 1, "parallel.zero", "needs dp > 1"),
+    (["parallel.dp=-1"], 1, "parallel.dp", "or 0 for auto"),
+    (["model.flavour=llama", "model.hidden=96", "model.heads=32", "model.kv_heads=32"], 1, "model.heads",
+     "even head size"),
+    (["model.dropout=1.5"], 1, "model.dropout", "[0, 1)"),
+    (["train.warmup=-1"], 1, "train.warmup", ">= 0"),
+    (["checkpoint.keep=0"], 1, "checkpoint.keep", "keep >= 1"),
+    (["checkpoint.every=-2"], 1, "checkpoint.every", "every >= 0"),
 ])
 def test_validation_errors(sets, nproc, field, fragment):
     with pytest.raises(ConfigError) as e:
