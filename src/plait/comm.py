@@ -78,6 +78,13 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def views_of(tensors: list[torch.Tensor], flat: torch.Tensor) -> list[torch.Tensor]:
+    """Consecutive views of the flat buffer ``flat`` (one collective's worth), one shaped like each
+    of ``tensors``."""
+    sizes = [t.numel() for t in tensors]
+    return [v.view_as(t) for v, t in zip(flat[:sum(sizes)].split(sizes), tensors)]
+
+
 # --------------------------------------------------------------------------- tensor-parallel collectives
 # Megatron's conjugate pairs (Shoeybi et al. 2019, §3; Korthikanti et al. 2022, §4.2.2 for the
 # sequence-parallel pair). Each works over one group, in place where autograd allows it, and is the

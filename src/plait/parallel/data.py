@@ -176,8 +176,13 @@ class DataParallel:
         return None
 
 
+def flatten_into(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """Copy each parameter into its place in ``flat`` and make its ``.data`` that view."""
+    for p, view in zip(params, comm.views_of(params, flat)):
+        view.copy_(p.detach())
+        p.data = view
+
+
 def _attach_views(b: Bucket) -> None:
-    offset = 0
-    for p in b.params:
-        p.grad = b.buffer[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+    for p, view in zip(b.params, comm.views_of(b.params, b.buffer)):
+        p.grad = view

@@ -256,10 +256,8 @@ class TensorParallel:
             return
         flat = torch.cat([g.flatten() for g in grads])
         comm.all_reduce_(flat, self.group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for g, summed in zip(grads, comm.views_of(grads, flat)):
+            g.copy_(summed)
 
     def full_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter unsharded (padding stripped), on CPU. Collective over tp."""

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Bucket, DataParallel, _attach_views
+from .data import Bucket, DataParallel, _attach_views, flatten_into
 
 
 class ZeroDataParallel(DataParallel):
@@ -50,12 +50,7 @@ class ZeroDataParallel(DataParallel):
             bucket.shard_grad = torch.zeros(size, **kind)
         else:  # the reduced full bucket is kept: read this rank's slice of it
             bucket.shard_grad = bucket.buffer[self.rank * size:(self.rank + 1) * size]
-        offset = 0
-        for p in params:
-            view = bucket.flat[offset:offset + p.numel()]
-            view.copy_(p.detach().flatten())
-            p.data = view.view_as(p)
-            offset += p.numel()
+        flatten_into(params, bucket.flat)
         _attach_views(bucket)
         return bucket
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..comm import views_of
+from .data import flatten_into
 from .zero import owned_segments
 
 
@@ -92,12 +94,7 @@ class Zero3:
         padded = -(-total // self.dp) * self.dp
         kind = {"dtype": params[0].dtype, "device": params[0].device}
         full, size = torch.zeros(padded, **kind), padded // self.dp
-        offset = 0
-        for p in params:
-            view = full[offset:offset + p.numel()]
-            view.copy_(p.detach().flatten())
-            p.data = view.view_as(p)
-            offset += p.numel()
+        flatten_into(params, full)
         alias = torch.empty(0, **kind).set_(full.untyped_storage(), 0, full.shape)
         unit = Unit(params, full, alias, torch.zeros(padded, **kind),
                     full[self.rank * size:(self.rank + 1) * size].clone(), torch.zeros(size, **kind))
@@ -134,10 +131,8 @@ class Zero3:
         if u.grad.untyped_storage().size() == 0:
             _restore(u.grad)
             u.grad.zero_()
-            offset = 0
-            for p in u.params:
-                p.grad = u.grad[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, view in zip(u.params, views_of(u.params, u.grad)):
+                p.grad = view
         u.pending += len(u.params)  # zero bubble: I of the next micro-batch may come before this W
 
     def _grad_ready(self, u: Unit) -> None:
