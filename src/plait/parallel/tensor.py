@@ -152,7 +152,8 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, vocab_start, vocab, group):
         n_local = logits.shape[-1]
         valid = min(max(vocab - vocab_start, 0), n_local)  # real (unpadded) columns on this rank
-        logits = logits.clone()
+        # our own copy, at least float32 (bf16 logits under autocast are upcast by this one copy)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
         if valid < n_local:
             logits[:, valid:] = float("-inf")
         gmax = logits.max(dim=-1).values
@@ -179,9 +180,8 @@ class _VocabParallelCE(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab: int,
                                  group) -> torch.Tensor:
-    """Per-token loss (N,) from this rank's logits (N, V/tp) and the targets (N,)."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
+    """Per-token loss (N,) from this rank's logits (N, V/tp) and the targets (N,), in float32 or
+    better; the gradient returns in the logits' dtype."""
     return _VocabParallelCE.apply(logits, target, vocab_start, vocab, group)
 
 
