@@ -20,20 +20,21 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import comm
-from .config import RunConfig
+from .config import RunConfig, microbatches, step_tokens
 from .errors import ConfigError
 from .launch import run_local
-from .models import build_model, num_params
-from .parallel.hybrid import parallelize
+from .models import ModelDescription, build, num_params
+from .models.description import cross_entropy, param_owner
+from .parallel.hybrid import ParallelModel, parallelize
+from .seeds import seed_for
 from .topology import Topology, build_groups
 from .train.data import Sampler, load_corpus
 from .train.metrics import optimizer_bytes, tensor_bytes
@@ -102,66 +103,76 @@ def _summary(cfg: RunConfig, times: dict, baseline: str, params: int) -> dict | 
 
 def _setup(cfg: RunConfig):
     device = comm.pick_device()
-    groups = build_groups(Topology(pp=cfg.parallel.pp, dp=cfg.parallel.dp, tp=cfg.parallel.tp), device.type)
+    groups = build_groups(Topology.of(cfg.parallel), device.type)
     corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
-    sampler = Sampler(corpus.train, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed,
+    sampler = Sampler(corpus.train, cfg.model.seq_len, cfg.train.global_batch, seed_for(cfg.train.seed, "data"),
                       groups.coord.dp_rank, cfg.parallel.dp)
     return device, groups, sampler
 
 
-def _fresh_model(cfg: RunConfig, device) -> nn.Module:
-    torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model).to(device)
+def _fresh_model(cfg: RunConfig, device) -> tuple[nn.Module, ModelDescription]:
+    torch.manual_seed(seed_for(cfg.train.seed, "init"))
+    model, desc = build(cfg.model)
+    return model.to(device), desc
+
+
+def _parallel(cfg: RunConfig, groups, device) -> ParallelModel:
+    return parallelize(*_fresh_model(cfg, device), groups, cfg.parallel, seed=cfg.train.seed,
+                       tokens_per_step=step_tokens(cfg))
 
 
 def _plait(cfg: RunConfig, groups, device) -> Contender:
     """plait's side: the model as ``parallelize`` builds it for training, stepped as the trainer does."""
-    pm = parallelize(_fresh_model(cfg, device), groups, cfg)
-    opt = build_optimizer(pm.optimizer_params(), cfg.train, pm.grad_sync.decays())
-    c = Contender(pm.module, opt, pm.loss, pm.finish_grads, pm.grad_sync.no_sync, pm.grad_sync.zero_grad,
-                  step=pm.forward_backward, after=pm.after_step)
-    c.grad_bytes, c.param_bytes = pm.grad_sync.grad_bytes, pm.grad_sync.param_bytes
+    pm = _parallel(cfg, groups, device)
+    opt = build_optimizer(pm.param_groups(cfg.train.weight_decay), cfg.train)
+    c = Contender(pm.module, opt, pm.loss, pm.finish_grads, zero_grad=pm.zero_grad, step=pm.forward_backward,
+                  after=pm.after_step)
+    c.state_bytes = lambda: pm.memory()["params"] + pm.memory()["grads"] + optimizer_bytes(opt)
     return c
 
 
 def _model_params(cfg: RunConfig) -> int:
     """Parameters of the whole model, counted on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        return num_params(build_model(cfg.model))
+        return num_params(build(cfg.model)[0])
 
 
 def _ce(logits, y):
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return cross_entropy(logits, y)
 
 
 def _dp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
+    ddp = DDP(_fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
     theirs = Contender(ddp, build_optimizer(ddp.parameters(), cfg.train), _ce, no_sync=ddp.no_sync)
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     return _summary(cfg, times, "torch DistributedDataParallel", num_params(ours.model))  # dp: whole model
 
 
-def dtensor_plan(sequence_parallel: bool) -> dict:
-    """torchtitan's tensor-parallel plan for this model (llama flavour: no learned positions)."""
+def dtensor_plan(model: nn.Module, desc: ModelDescription, sequence_parallel: bool) -> dict:
+    """The model's tensor-parallel plan in DTensor's styles (torchtitan's mapping): column ->
+    ColwiseParallel, row -> RowwiseParallel, the vocabulary layers as Rowwise / Colwise over the
+    vocabulary, and under sequence parallel SequenceParallel on the blocks' and the output stage's
+    remaining modules with parameters (the norms) and a re-layout at each region's input."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
-    sp = sequence_parallel
-    seq = Shard(1) if sp else Replicate()
-    plan = {
-        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
-        "blocks.*.attn.wq": ColwiseParallel(), "blocks.*.attn.wk": ColwiseParallel(),
-        "blocks.*.attn.wv": ColwiseParallel(), "blocks.*.attn.wo": RowwiseParallel(output_layouts=seq),
-        "blocks.*.mlp.gate": ColwiseParallel(), "blocks.*.mlp.up": ColwiseParallel(),
-        "blocks.*.mlp.down": RowwiseParallel(output_layouts=seq),
-    }
-    if sp:
-        prepare = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-        plan.update({"norm": SequenceParallel(), "blocks.*.attn_norm": SequenceParallel(),
-                     "blocks.*.mlp_norm": SequenceParallel(), "blocks.*.attn": prepare, "blocks.*.mlp": prepare})
+    seq = Shard(1) if sequence_parallel else Replicate()
+    prepare = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    styles = {"column": ColwiseParallel(), "row": RowwiseParallel(output_layouts=seq),
+              "vocab_embedding": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+              "vocab_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+              "region": prepare if sequence_parallel else None}
+    plan = {pattern: styles[style] for pattern, style in desc.tp.styles.items() if styles[style] is not None}
+    if sequence_parallel:
+        owner = param_owner(desc)
+        styled = [n for n, _ in model.named_modules() if desc.tp.style_of(n) not in (None, "region")]
+        for name, module in model.named_modules():
+            direct = [f"{name}.{k}" for k, _ in module.named_parameters(recurse=False)]
+            if direct and owner(direct[0]) in ("block", "output") and not any(
+                    name == s or name.startswith(s + ".") for s in styled):
+                plan[name] = SequenceParallel()
     return plan
 
 
@@ -190,8 +201,8 @@ def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
 
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    plan = dtensor_plan(cfg.parallel.sequence_parallel)
-    model = parallelize_module(_fresh_model(cfg, device), groups.mesh["tp"], plan)
+    model, desc = _fresh_model(cfg, device)
+    model = parallelize_module(model, groups.mesh["tp"], dtensor_plan(model, desc, cfg.parallel.sequence_parallel))
     theirs = Contender(model, _Split(model, cfg), _ce, around=loss_parallel)
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     return _summary(cfg, times, "torch DTensor tensor parallel", _model_params(cfg))
@@ -215,24 +226,20 @@ TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleave
 def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     import torch.distributed.pipelining as tp_pipe
 
-    from .parallel.pipeline import apply_pipeline, microbatches, sum_tied_grads
-
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    model = _fresh_model(cfg, device)
-    tied = model.lm_head.weight is model.tok_emb.weight
-    pipe = apply_pipeline(model, groups, cfg)  # the same stages, run by torch's schedule
+    split = _parallel(replace(cfg, parallel=replace(cfg.parallel, zero=0)), groups, device)  # the same stages
     p = cfg.parallel
-    stages = [tp_pipe.PipelineStage(_TorchStage(pipe.chunk_modules(i), lambda x, c=c: pipe.run_chunk(c, x)),
-                                    c.stage, p.pp * p.virtual_stages, device, group=groups.pp)
-              for i, c in enumerate(pipe.chunks)]
+    stages = [tp_pipe.PipelineStage(_TorchStage(modules, forward), stage, p.pp * p.virtual_stages, device,
+                                    group=groups.pp) for stage, modules, forward in split.stages()]
     name = TORCH_SCHEDULES[p.schedule]
     cls = getattr(tp_pipe, name)
     schedule = cls(stages, microbatches(cfg), loss_fn=_ce) if len(stages) > 1 else \
         cls(stages[0], microbatches(cfg), loss_fn=_ce)
-    opt = build_optimizer(model.parameters(), cfg.train)
-    finish = (lambda: sum_tied_grads(model, groups.embed)) if tied else (lambda: None)  # same work as ours
-    theirs = Contender(model, opt, _ce, finish, step=lambda micro: _torch_pipeline_step(schedule, pipe, micro))
+    opt = build_optimizer(split.module.parameters(), cfg.train)
+    first, last = stages[0].is_first, stages[-1].is_last
+    theirs = Contender(split.module, opt, _ce, split.finish_grads,  # the same work after backward as ours
+                       step=lambda micro: _torch_pipeline_step(schedule, first, last, micro))
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     result = _summary(cfg, times, f"torch.distributed.pipelining {name}", _model_params(cfg))
     if result is not None:
@@ -240,11 +247,9 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     return result
 
 
-def _torch_pipeline_step(schedule, pipe, micro: list) -> None:
+def _torch_pipeline_step(schedule, first: bool, last: bool, micro: list) -> None:
     x = torch.cat([m[0] for m in micro])
     y = torch.cat([m[1] for m in micro])
-    first = any(c.first for c in pipe.chunks)
-    last = any(c.last for c in pipe.chunks)
     kwargs = {"target": y} if last else {}
     if first:
         schedule.step(x, **kwargs)
@@ -256,8 +261,8 @@ def _fsdp_contender(cfg: RunConfig, groups, device) -> tuple[Contender, Callable
     """PyTorch's ZeRO-3: fully_shard on every block, then on the whole model, over the dp mesh."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _fresh_model(cfg, device)
-    for block in model.blocks:
+    model, desc = _fresh_model(cfg, device)
+    for block in desc.block_list(model):
         fully_shard(block, mesh=groups.mesh["dp"])
     fully_shard(model, mesh=groups.mesh["dp"])
     opt = build_optimizer(model.parameters(), cfg.train)
@@ -285,7 +290,7 @@ def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
         theirs, torch_states = _fsdp_contender(cfg, groups, device)
         baseline = "torch fully_shard (FSDP2)"
     else:
-        ddp = DDP(_fresh_model(cfg, device), process_group=groups.dp, gradient_as_bucket_view=True)
+        ddp = DDP(_fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
         t, params = cfg.train, list(ddp.parameters())
         zro = ZeroRedundancyOptimizer([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
                                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -297,7 +302,7 @@ def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
         def torch_states() -> int:
             return 2 * tensor_bytes(params) + optimizer_bytes(zro.optim)  # params, gradients, moments
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
-    ours_bytes = ours.param_bytes() + ours.grad_bytes() + optimizer_bytes(ours.optimizer)
+    ours_bytes = ours.state_bytes()
     torch_bytes = torch_states()
     out = _summary(cfg, times, baseline, _model_params(cfg))
     if out is not None:

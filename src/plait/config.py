@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, TOML files, ``--set section.key=value`` overrides.
 
-The section and key names are a contract (see DESIGN.md): tests, benchmarks and users' files use
-them. Everything is validated once, in :func:`validate`, before any process starts; a bad value
+The section and key names are a contract (docs/architecture.md): tests, benchmarks and users' files
+use them. Everything is validated once, in :func:`validate`, before any process starts; a bad value
 raises :class:`~plait.errors.ConfigError`, whose message names the field, the value and what
 would be valid.
 """
@@ -23,7 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FLAVOURS = ("gpt2", "llama")
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 
 
@@ -38,6 +37,7 @@ class ModelConfig:
     vocab: int = 256
     seq_len: int = 128
     dropout: float = 0.0
+    builder: str = ""  # "FILE.py:FUNCTION": a user's model and its description (flavour is then unused)
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,26 @@ def validate(cfg: RunConfig, nproc: int) -> None:
         raise ConfigError(f"checkpoint.{bad[0]}", bad[1], "every >= 0 and keep >= 1")
 
 
+def schedule_names() -> tuple[str, ...]:
+    """The pipeline schedules there are: the keys of the pipeline's registry (a pure module)."""
+    from .parallel.pipeline.schedules import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
+def microbatches(cfg: RunConfig) -> int:
+    """Micro-batches per step on each dp rank: global_batch / (dp x micro_batch)."""
+    return cfg.train.global_batch // (max(cfg.parallel.dp, 1) * cfg.train.micro_batch)
+
+
+def step_tokens(cfg: RunConfig) -> int:
+    """Tokens each dp rank trains on in one step (what balancing pipeline stages weighs)."""
+    return microbatches(cfg) * cfg.train.micro_batch * cfg.model.seq_len
+
+
 def _validate_model(m: ModelConfig) -> None:
+    if m.builder:
+        return _validate_builder(m)
     if m.flavour not in FLAVOURS:
         raise ConfigError("model.flavour", m.flavour, f"valid flavours: {', '.join(FLAVOURS)}")
     for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"):
@@ -294,6 +313,18 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
 
 
+def _validate_builder(m: ModelConfig) -> None:
+    """A user's model: its sizes are its own (the description is checked when it is built);
+    the data still needs the vocabulary and sequence length."""
+    path, _, name = m.builder.rpartition(":")
+    if not path or not name.isidentifier():
+        raise ConfigError("model.builder", m.builder, "expected FILE.py:FUNCTION, e.g. examples/own_model.py:build")
+    if not Path(path).expanduser().is_file():
+        raise ConfigError("model.builder", m.builder, f"no such file {path}; give a Python file and a function in it")
+    for key in ("vocab", "seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+
+
 def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
     for key in ("tp", "pp", "virtual_stages"):
         _positive(f"parallel.{key}", getattr(p, key))
@@ -301,8 +332,8 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
         raise ConfigError("parallel.dp", p.dp, "must be positive (or 0 for auto)")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", p.zero, "must be one of 0, 1, 2, 3")
-    if p.schedule not in SCHEDULES:
-        raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(SCHEDULES)}")
+    if p.schedule not in schedule_names():
+        raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(schedule_names())}")
     if p.dp * p.tp * p.pp != nproc:
         dp = p.dp or "auto"
         raise ConfigError(
@@ -314,34 +345,37 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
 
 
 def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
-    """Every split dimension must divide by tp (the vocabulary is padded instead)."""
+    """Every split dimension must divide by tp (the vocabulary is padded instead). A user's model
+    states its own sizes in its description, checked when tensor parallel is applied."""
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError("model.seq_len", m.seq_len,
+                          f"must be divisible by parallel.tp={p.tp} under sequence parallel")
+    if m.builder:
+        return
     for key in ("hidden", "ffn_hidden", "heads", "kv_heads"):
         value = getattr(m, key)
         if value % p.tp:
             raise ConfigError(f"model.{key}", value, f"must be divisible by parallel.tp={p.tp}")
-    if p.sequence_parallel and m.seq_len % p.tp:
-        raise ConfigError("model.seq_len", m.seq_len,
-                          f"must be divisible by parallel.tp={p.tp} under sequence parallel")
 
 
 def _validate_pipeline(cfg: RunConfig) -> None:
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    m, p = cfg.model, cfg.parallel
     stages = p.pp * p.virtual_stages
-    if m.layers < stages:
+    if m.layers < stages and not m.builder:  # a user's model: its blocks are counted when it is split
         raise ConfigError("model.layers", m.layers, f"must be at least pp x virtual_stages = {p.pp} x "
                           f"{p.virtual_stages} = {stages} (one block per stage)")
     if p.virtual_stages > 1 and p.schedule != "interleaved":
         raise ConfigError("parallel.virtual_stages", p.virtual_stages,
                           f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
-    micro = t.global_batch // (max(p.dp, 1) * t.micro_batch)
+    micro = microbatches(cfg)
     if p.microbatches and p.microbatches != micro:
         raise ConfigError("parallel.microbatches", p.microbatches,
                           f"must equal global_batch / (dp x micro_batch) = {micro} (or 0 for that)")
     if p.pp > 1 and p.schedule == "interleaved" and micro % p.pp:
         raise ConfigError("parallel.microbatches", micro, f"the interleaved schedule needs a multiple of pp={p.pp} "
                           "micro-batches per step (global_batch / (dp x micro_batch))")
-    if p.stage_layers and (len(p.stage_layers) != stages or sum(p.stage_layers) != m.layers
-                           or min(p.stage_layers) < 1):
+    if p.stage_layers and (len(p.stage_layers) != stages or min(p.stage_layers) < 1
+                           or (sum(p.stage_layers) != m.layers and not m.builder)):
         raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),
                           f"give {stages} positive block counts summing to model.layers={m.layers}")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
-from .models import build_model
+from .config import RunConfig, step_tokens
+from .models import build
 from .parallel.hybrid import parallelize
 from .topology import Topology, build_groups
 from .train.metrics import tensor_bytes
@@ -21,14 +21,15 @@ from .train.trainer import param_dtype
 
 def dry_run_worker(cfg: RunConfig) -> dict:
     """This rank's coordinates and model-state bytes (collective: builds the process groups)."""
-    p = cfg.parallel
-    groups = build_groups(Topology(pp=p.pp, dp=p.dp, tp=p.tp), "cpu")
+    groups = build_groups(Topology.of(cfg.parallel), "cpu")
     with torch.device("meta"):
-        model = build_model(cfg.model).to(dtype=param_dtype(cfg))
-    pm = parallelize(model, groups, cfg)
-    params = pm.grad_sync.param_bytes()
-    grads = pm.grad_sync.steady_grad_bytes()
-    optimizer = 2 * tensor_bytes(pm.optimizer_params())  # AdamW: exp_avg and exp_avg_sq
+        model, desc = build(cfg.model)
+        model = model.to(dtype=param_dtype(cfg))
+    pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg))
+    held = pm.memory()
+    params, grads = held["params"], held["steady_grads"]
+    stepped = [t for group in pm.param_groups(0.0) for t in group["params"]]
+    optimizer = 2 * tensor_bytes(stepped)  # AdamW: exp_avg and exp_avg_sq
     c = groups.coord
     return {"rank": dist.get_rank(), "pp_rank": c.pp_rank, "dp_rank": c.dp_rank, "tp_rank": c.tp_rank,
             "params": params, "grads": grads, "optimizer": optimizer, "total": params + grads + optimizer}

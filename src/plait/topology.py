@@ -28,6 +28,11 @@ class Topology:
     dp: int = 1
     tp: int = 1
 
+    @classmethod
+    def of(cls, parallel) -> Topology:
+        """The grid of a layout (anything with ``pp``, ``dp`` and ``tp``, such as ``parallel``)."""
+        return cls(pp=parallel.pp, dp=parallel.dp, tp=parallel.tp)
+
     @property
     def world(self) -> int:
         return self.pp * self.dp * self.tp
@@ -77,6 +82,11 @@ class Groups:
     @property
     def coord(self) -> Coord:
         return self.topology.coords(self.rank)
+
+    @property
+    def prefix(self) -> str:
+        """This rank's log prefix, e.g. ``[r3 pp1 dp0 tp1]``."""
+        return self.topology.prefix(self.rank)
 
 
 def build_groups(topology: Topology, device_type: str) -> Groups:

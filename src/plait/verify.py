@@ -25,7 +25,13 @@ from .train.trainer import RunOptions, TrainResult, train_worker
 log = logging.getLogger(__name__)
 
 LAYOUT_SECTIONS = ("parallel", "train")
-SCHEDULE_VARIANTS = ("schedule=gpipe", "schedule=1f1b", "schedule=interleaved,virtual_stages=2", "schedule=zb")
+
+
+def schedule_variants() -> list[str]:
+    """Every schedule of the pipeline's registry, interleaved ones with two virtual stages."""
+    from .parallel.pipeline.schedules import SCHEDULES
+
+    return [f"schedule={name}" + (",virtual_stages=2" if s.interleaved else "") for name, s in SCHEDULES.items()]
 
 
 def standard_matrix() -> str:
@@ -35,7 +41,7 @@ def standard_matrix() -> str:
     for n in (2, 4):
         for dp, tp, pp in _factorisations(n):
             zeros = range(4) if dp > 1 else [0]
-            schedules = SCHEDULE_VARIANTS if pp > 1 else [""]
+            schedules = schedule_variants() if pp > 1 else [""]
             for zero in zeros:
                 for sched in schedules:
                     parts = [f"dp={dp}", f"tp={tp}", f"pp={pp}"] + ([f"zero={zero}"] if zero else []) + [sched]

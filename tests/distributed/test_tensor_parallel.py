@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plait import comm
 from plait.launch import run_local
-from plait.models import build_model
+from plait.models import build
 from plait.parallel.tensor import RNGTracker
 from plait.topology import Topology, build_groups
 from plait.train.trainer import RunOptions, train_worker
@@ -105,7 +105,7 @@ def _largest_in_loss_path(cfg):
 
     groups = build_groups(Topology(dp=cfg.parallel.dp, tp=cfg.parallel.tp), "cpu")
     torch.manual_seed(0)
-    pm = parallelize(build_model(cfg.model), groups, cfg)
+    pm = parallelize(*build(cfg.model), groups, cfg.parallel)
     x = torch.randint(0, 256, (2, cfg.model.seq_len))
     hidden = pm.module.blocks[-1](pm.module.embed(x)).detach().requires_grad_()
     with _Largest() as probe:
@@ -128,7 +128,7 @@ def _dropout_streams(cfg):
 
     groups = build_groups(Topology(tp=cfg.parallel.tp), "cpu")
     torch.manual_seed(cfg.train.seed)
-    pm = parallelize(build_model(cfg.model), groups, cfg)
+    pm = parallelize(*build(cfg.model), groups, cfg.parallel, seed=cfg.train.seed)
     seen = []
     for block in pm.module.blocks:
         block.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))

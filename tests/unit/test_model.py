@@ -80,6 +80,6 @@ def test_training_step_reduces_loss():
 
 def test_generate_appends_tokens_and_respects_context():
     model = model_for("gpt2")
-    out = generate(model, torch.tensor([1, 2, 3]), 20, generator=torch.Generator().manual_seed(0), pad_to=4)
+    out = generate(model, torch.tensor([1, 2, 3]), 20, 16, generator=torch.Generator().manual_seed(0), pad_to=4)
     assert out.shape == (23,) and out[:3].tolist() == [1, 2, 3]
     assert model.training

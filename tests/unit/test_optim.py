@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from plait import config as C
+from plait.parallel.clip import ClipSets, clip_grad_norm
 from plait.parallel.data import plan_buckets
-from plait.train.optim import clip_grad_norm, lr_at
+from plait.train.optim import lr_at
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -21,7 +22,7 @@ def test_warmup_then_cosine_to_min_lr():
 def test_clip_scales_to_max_norm_and_returns_the_norm():
     ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     ps[0].grad, ps[1].grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
-    norm = clip_grad_norm(ps[:1], ps[1:], 1.0)
+    norm = clip_grad_norm(ClipSets(tuple(ps[:1]), tuple(ps[1:])), 1.0)
     assert norm == pytest.approx(math.sqrt(27 + 64))
     total = torch.cat([p.grad for p in ps]).norm()
     assert float(total) == pytest.approx(1.0, rel=1e-5)
@@ -30,7 +31,7 @@ def test_clip_scales_to_max_norm_and_returns_the_norm():
 def test_no_clip_below_max_norm():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([0.3, 0.4])
-    assert clip_grad_norm([], [p], 1.0) == pytest.approx(0.5)
+    assert clip_grad_norm(ClipSets(replicated=(p,)), 1.0) == pytest.approx(0.5)
     assert torch.allclose(p.grad, torch.tensor([0.3, 0.4]))
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from plait import config as C
-from plait.parallel.pipeline.partition import balanced_split, layer_costs, stage_blocks, stage_costs
+from plait.models.gpt import layer_costs
+from plait.parallel.pipeline.partition import balanced_split, blocks_of_stages, stage_costs
 
 
 def model(**kw) -> C.ModelConfig:
@@ -21,9 +22,10 @@ def test_heavy_head_gets_fewer_blocks_and_balance_improves():
     tokens = 8 * 128
     embed, block, head = layer_costs(m, tokens)
     assert head > 3 * block  # the output layer alone outweighs several blocks
-    uniform = stage_costs(m, stage_blocks(m, 2, tokens, (6, 6)), tokens)
-    balanced_blocks = stage_blocks(m, 2, tokens)
-    balanced = stage_costs(m, balanced_blocks, tokens)
+    costs = layer_costs(m, tokens)
+    uniform = stage_costs(blocks_of_stages([6, 6]), costs)
+    balanced_blocks = blocks_of_stages(balanced_split(m.layers, 2, costs))
+    balanced = stage_costs(balanced_blocks, costs)
     assert max(uniform) / min(uniform) >= 1.5
     assert max(balanced) / min(balanced) < max(uniform) / min(uniform)
     assert len(balanced_blocks[-1]) < len(balanced_blocks[0])
@@ -32,10 +34,10 @@ def test_heavy_head_gets_fewer_blocks_and_balance_improves():
 @pytest.mark.parametrize("layers, stages", [(4, 4), (8, 3), (12, 5), (6, 2)])
 def test_split_covers_every_block_once_in_order(layers, stages):
     m = model(layers=layers)
-    blocks = stage_blocks(m, stages, 1024)
+    blocks = blocks_of_stages(balanced_split(layers, stages, layer_costs(m, 1024)))
     assert [b for s in blocks for b in s] == list(range(layers))
     assert all(len(s) >= 1 for s in blocks)
 
 
-def test_explicit_stage_layers_win():
-    assert stage_blocks(model(layers=4), 2, 1024, (1, 3)) == [[0], [1, 2, 3]]
+def test_counts_become_contiguous_runs_of_blocks():
+    assert blocks_of_stages([1, 3]) == [[0], [1, 2, 3]]

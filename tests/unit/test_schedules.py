@@ -147,8 +147,8 @@ ALL = [("gpipe", pp, m, 1) for pp, m in GRID] + [("1f1b", pp, m, 1) for pp, m in
 def test_both_ranks_of_a_pair_agree_on_the_order_and_can_keep_it(name, pp, m, v):
     """What NCCL needs: one order per pair, the same on both sides, in which a rank never has to
     post a receive before a send of its own that an earlier-or-same action has not made."""
-    from plait.parallel.pipeline.schedules import stage_of
-    from plait.parallel.pipeline.transfers import message, pair_orders, sender
+    from plait.parallel.pipeline.schedules import message, sender, stage_of
+    from plait.parallel.pipeline.transfers import pair_orders
 
     acts = SCHEDULES[name].actions(pp, m, v)
     last = pp * v - 1

@@ -1,12 +1,68 @@
-"""Reference models: plain PyTorch, no distributed code."""
+"""Models: plain PyTorch, no distributed code, each with its description (what strands may know).
+
+``build(cfg)`` gives ``(module, description)`` for plait's own flavours, or calls a user's builder
+(``model.builder = "FILE.py:FUNCTION"``: a function of the ``ModelConfig`` returning the module and
+its ``ModelDescription``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
+from .description import ModelDescription, TensorParallelPlan, check, compose
 from .gpt import GPT, generate, num_params
 
 
-def build_model(cfg: ModelConfig) -> GPT:
-    """The decoder-only transformer of ``cfg.flavour`` (resolved config: kv_heads, ffn_hidden set)."""
-    return GPT(cfg)
+def build(cfg: ModelConfig) -> tuple[nn.Module, ModelDescription]:
+    """The model of ``cfg`` (resolved config) and its description."""
+    if cfg.builder:
+        return _from_builder(cfg)
+    model = GPT(cfg)
+    return model, model.describe()
 
 
-__all__ = ["GPT", "build_model", "generate", "num_params"]
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg`` alone (for a single process; strands need ``build``'s description too)."""
+    return build(cfg)[0]
+
+
+def load_builder(spec: str):
+    """The function named by ``"FILE.py:FUNCTION"`` (FILE relative to the working directory)."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise ConfigError("model.builder", spec, "expected FILE.py:FUNCTION, e.g. examples/own_model.py:build")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError("model.builder", spec, f"no such file {path}; give a Python file and a function in it")
+    module_name = f"plait_builder_{abs(hash(str(file.resolve())))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(loader)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's file: report it in one line
+            raise ConfigError("model.builder", spec, f"importing {path} failed: {type(e).__name__}: {e}") from None
+        sys.modules[module_name] = module
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError("model.builder", spec, f"{path} defines no function {name!r}")
+    return fn
+
+
+def _from_builder(cfg: ModelConfig) -> tuple[nn.Module, ModelDescription]:
+    out = load_builder(cfg.builder)(cfg)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module)
+            and isinstance(out[1], ModelDescription)):
+        raise ConfigError("model.builder", cfg.builder, "the function must return (nn.Module, ModelDescription)")
+    return out
+
+
+__all__ = ["GPT", "ModelDescription", "TensorParallelPlan", "build", "build_model", "check", "compose",
+           "generate", "load_builder", "num_params"]

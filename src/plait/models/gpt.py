@@ -5,8 +5,8 @@
   untied output layer.
 
 Parallel code replaces modules from the outside (tensor parallel swaps the linears, pipeline
-parallel keeps a slice of ``blocks``), so layers infer their local head counts from the shapes
-of their projections and never from the config.
+parallel keeps a slice of ``blocks``), guided by the model's description (``GPT.describe``), so
+layers infer their local head counts from the shapes of their projections and never from the config.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .description import PARAM_COST, ModelDescription, TensorParallelPlan
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:
@@ -146,6 +147,36 @@ class GPT(nn.Module):
             x = block(x)
         return self.head(x)
 
+    def describe(self) -> ModelDescription:
+        """What the strands may know of this model (``models/description.py``)."""
+        cfg = self.cfg
+        styles = {"tok_emb": "vocab_embedding", "blocks.*.attn": "region", "blocks.*.attn.w[qkv]": "column",
+                  "blocks.*.attn.wo": "row", "blocks.*.mlp": "region", "blocks.*.mlp.up": "column",
+                  "blocks.*.mlp.down": "row", "lm_head": "vocab_head"}
+        if cfg.flavour == "llama":
+            styles["blocks.*.mlp.gate"] = "column"
+        plan = TensorParallelPlan(styles, {"heads": cfg.heads, "kv_heads": cfg.kv_heads, "ffn_hidden": cfg.ffn_hidden},
+                                  sharded_random=("blocks.*.attn",) if cfg.dropout > 0 else ())
+        return ModelDescription(
+            embed=GPT.embed, blocks="blocks", head=GPT.head, hidden=cfg.hidden,
+            input_modules=("tok_emb", "pos_emb", "drop") if cfg.flavour == "gpt2" else ("tok_emb", "drop"),
+            output_modules=("norm", "lm_head"),
+            tied=(("lm_head.weight", "tok_emb.weight"),) if cfg.flavour == "gpt2" else (),
+            tp=plan, costs=lambda tokens: layer_costs(cfg, tokens))
+
+
+def layer_costs(m: ModelConfig, tokens: int) -> tuple[float, float, float]:
+    """(embedding, one block, head) cost of one optimizer step over ``tokens`` tokens, for balancing
+    pipeline stages: training FLOPs (forward + backward = 3x forward, attention scores included)
+    plus ``PARAM_COST`` FLOP-equivalents per parameter for the optimizer and gradient work."""
+    hd = m.hidden // m.heads
+    attn = m.hidden * (m.heads + 2 * m.kv_heads) * hd + m.heads * hd * m.hidden
+    mlp = (3 if m.flavour == "llama" else 2) * m.hidden * m.ffn_hidden
+    block = 3 * (2 * tokens * (attn + mlp) + 4 * tokens * m.seq_len * m.hidden) + PARAM_COST * (attn + mlp)
+    head = 3 * 2 * tokens * m.hidden * m.vocab + 3 * 5 * tokens * m.vocab + PARAM_COST * m.hidden * m.vocab
+    embed = 3 * tokens * m.hidden + PARAM_COST * m.hidden * m.vocab
+    return embed, block, head
+
 
 def num_params(model: nn.Module) -> int:
     """Parameters counted once (tied weights are one parameter)."""
@@ -153,9 +184,9 @@ def num_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8, top_k: int = 40,
-             generator: torch.Generator | None = None, forward=None, pad_to: int = 1) -> torch.Tensor:
-    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last seq_len tokens.
+def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, context: int, temperature: float = 0.8,
+             top_k: int = 40, generator: torch.Generator | None = None, forward=None, pad_to: int = 1) -> torch.Tensor:
+    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last ``context`` tokens.
 
     ``forward`` (default: ``model``) maps tokens (1, S) to logits (1, S, V); a parallel model passes
     one that gathers the vocabulary. With ``pad_to`` > 1 the context is right-padded to a multiple
@@ -166,7 +197,7 @@ def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: flo
     model.eval()
     out = prompt.clone()
     for _ in range(new_tokens):
-        ctx = out[-model.cfg.seq_len:]
+        ctx = out[-context:]
         n = len(ctx)
         logits = forward(F.pad(ctx, (0, -n % pad_to)).unsqueeze(0))[0, n - 1].float() / temperature
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]

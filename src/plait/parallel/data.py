@@ -17,6 +17,7 @@ into its bucket, so a ready bucket is sent as one message with no copy.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from .protocol import DataParallelStrand
 
 
 @dataclass
@@ -32,9 +34,7 @@ class Bucket:
     buffer: torch.Tensor  # flat; each param's .grad is a view into it
     pending: int = 0  # gradients not yet final in this backward
     ready: bool = False  # every gradient final; launched once all earlier buckets are
-    work: object | None = None  # the async all-reduce in flight
-    flat: torch.Tensor | None = None  # ZeRO: the parameters, flat (each p.data is a view)
-    shard_grad: torch.Tensor | None = None  # ZeRO: this rank's slice of the reduced gradient
+    work: object | None = None  # the collective in flight
 
 
 def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int) -> list[list[nn.Parameter]]:
@@ -58,40 +58,36 @@ def plan_buckets(params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: in
     return buckets
 
 
-class DataParallel:
-    """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
+def bucket_layout(params: list[nn.Parameter], bucket_mb: float, first_bucket_mb: float,
+                  isolate: nn.Parameter | None = None) -> list[list[nn.Parameter]]:
+    """Buckets in the order backward produces gradients (parameters reversed); ``isolate`` alone
+    in the last bucket (a tied embedding split over pipeline stages: its ZeRO slices then line up
+    between the two stages)."""
+    rest = [p for p in reversed(params) if p is not isolate]
+    groups = plan_buckets(rest, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
+    return groups + ([[isolate]] if isolate is not None else [])
 
-    shards_grads = False  # whether each dp rank holds a slice of every gradient (ZeRO), or all of it
 
-    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
-                 isolate: nn.Parameter | None = None):
-        """``isolate``: a parameter that gets a bucket of its own, last (a tied embedding split over
-        pipeline stages: its ZeRO slices then line up between the two stages)."""
-        self.module, self.group = module, group
-        self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
-        params = [p for p in module.parameters() if p.requires_grad]
-        rest = [p for p in reversed(params) if p is not isolate]
-        groups = plan_buckets(rest, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20))
-        groups += [[isolate]] if isolate is not None else []
-        self.isolated = isolate
-        self.segments = [(p, p) for p in params]  # (what the optimizer steps, its model parameter)
-        self.buckets = [self._make_bucket(ps) for ps in groups]
-        self._bucket_of = {p: b for b in self.buckets for p in b.params}
-        self._sync = True
-        self._next = 0
-        hook = self._on_grad_ready
-        if self.dp > 1:
-            for p in params:
-                p.register_post_accumulate_grad_hook(hook)
+class GradBuckets:
+    """Gradients as views into flat buckets; a bucket is launched (``launch(bucket)`` returns the
+    work in flight) once every gradient in it is final and every earlier bucket has been launched,
+    so all ranks issue the same collectives in the same order."""
+
+    def __init__(self, buckets: list[Bucket], launch: Callable[[Bucket], object], hooked: bool):
+        self.buckets, self._launch = buckets, launch
+        self._bucket_of = {p: b for b in buckets for p in b.params}
+        self._sync, self._next = True, 0
+        if hooked:
+            for p in self._bucket_of:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.attach()
         self._reset()
 
-    @staticmethod
-    def _make_bucket(params: list[nn.Parameter]) -> Bucket:
-        total = sum(p.numel() for p in params)
-        buffer = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        bucket = Bucket(params=params, buffer=buffer)
-        _attach_views(bucket)
-        return bucket
+    def attach(self) -> None:
+        """(Re)attach every ``.grad`` as a view into its bucket."""
+        for b in self.buckets:
+            for p, view in zip(b.params, comm.views_of(b.params, b.buffer)):
+                p.grad = view
 
     def _reset(self) -> None:
         for b in self.buckets:
@@ -100,7 +96,6 @@ class DataParallel:
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Accumulate gradients locally; nothing travels until the next backward outside."""
         old, self._sync = self._sync, False
         try:
             yield
@@ -118,16 +113,12 @@ class DataParallel:
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].ready:
-            self._launch(self.buckets[self._next])
+            b = self.buckets[self._next]
+            b.work = self._launch(b)
             self._next += 1
 
-    def _launch(self, b: Bucket) -> None:
-        if self.dp > 1:
-            b.buffer.div_(self.dp)
-            b.work = comm.all_reduce_(b.buffer, self.group, async_op=True)
-
     def finish(self) -> None:
-        """Wait for every bucket (launching any whose parameters took no part in this backward)."""
+        """Launch what is left (buckets whose parameters took no part in this backward), wait for all."""
         for b in self.buckets:
             b.ready = True
         self._launch_ready()
@@ -136,53 +127,50 @@ class DataParallel:
                 b.work.wait()
         self._reset()
 
-    def zero_grad(self) -> None:
-        """Zero the buckets in place and (re)attach every ``.grad`` as a view into its bucket.
+    def nbytes(self) -> int:
+        """Bytes of the full buckets held now (ZeRO-2 releases them between steps)."""
+        return sum(b.buffer.untyped_storage().nbytes() for b in self.buckets)
 
-        Use this, never ``optimizer.zero_grad()``, whose ``set_to_none`` would detach the views.
-        """
-        for b in self.buckets:
-            b.buffer.zero_()
-            _attach_views(b)
 
-    def grad_bytes(self) -> int:
-        return sum(b.buffer.numel() * b.buffer.element_size() for b in self.buckets)
+class DataParallel(DataParallelStrand):
+    """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
 
-    def param_bytes(self) -> int:
-        """Parameter bytes held (ZeRO-3: the slices)."""
-        return sum(p.numel() * p.element_size() for b in self.buckets for p in b.params)
+    def __init__(self, module: nn.Module, group, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
+        self.module, self.group = module, group
+        self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
+        params = [p for p in module.parameters() if p.requires_grad]
+        buckets = [Bucket(ps, torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device))
+                   for ps in bucket_layout(params, bucket_mb, first_bucket_mb)]
+        self.grads = GradBuckets(buckets, self._launch, hooked=self.dp > 1)
+        self.buckets = self.grads.buckets
+        self.segments = [(p, p) for p in params]
 
-    @contextlib.contextmanager
-    def gathered(self):
-        """The whole local model readable (a no-op here; ZeRO-3 gathers its parameters)."""
-        yield
-
-    def steady_grad_bytes(self) -> int:
-        """Gradient bytes held between steps (the buckets)."""
-        return self.grad_bytes()
-
-    def begin_step(self) -> None:
-        """Before the step's first backward: nothing for plain data parallel (ZeRO-2 allocates)."""
-
-    def after_step(self) -> None:
-        """After the optimizer step: nothing to do for plain data parallel (ZeRO gathers here)."""
-
-    def optimizer_params(self) -> list[nn.Parameter]:
-        """What the optimizer updates: every parameter (ZeRO: this rank's slices)."""
-        return [p for b in self.buckets for p in b.params]
-
-    def decays(self) -> set[int] | None:
-        """ids of the optimizer's parameters that take weight decay; None: decide by shape."""
+    def _launch(self, b: Bucket):
+        """backward: the bucket divided by dp, all-reduced (sum) over dp, asynchronously."""
+        if self.dp > 1:
+            b.buffer.div_(self.dp)
+            return comm.all_reduce_(b.buffer, self.group, async_op=True)
         return None
 
+    def no_sync(self):
+        """Accumulate gradients locally; nothing travels until the next backward outside."""
+        return self.grads.no_sync()
 
-def flatten_into(params: list[nn.Parameter], flat: torch.Tensor) -> None:
-    """Copy each parameter into its place in ``flat`` and make its ``.data`` that view."""
-    for p, view in zip(params, comm.views_of(params, flat)):
-        view.copy_(p.detach())
-        p.data = view
+    def finish(self) -> None:
+        """Wait for every bucket: each rank then holds the mean gradient over dp."""
+        self.grads.finish()
 
+    def zero_grad(self) -> None:
+        """Zero the buckets in place (``.grad`` stay views into them)."""
+        for b in self.buckets:
+            b.buffer.zero_()
+        self.grads.attach()
 
-def _attach_views(b: Bucket) -> None:
-    for p, view in zip(b.params, comm.views_of(b.params, b.buffer)):
-        p.grad = view
+    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        return param.grad
+
+    def grad_bytes(self) -> int:
+        return self.grads.nbytes()
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p, _ in self.segments)

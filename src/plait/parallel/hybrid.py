@@ -1,27 +1,32 @@
 """``parallelize()``: the one place where the strands are composed, in a fixed order.
 
-tensor parallel -> pipeline parallel -> data parallel / ZeRO. Each strand is applied to the
-plain model from the outside; the model file never imports torch.distributed. Training, verify
-and bench all build their parallel model here, and the trainer drives a step only through
-``ParallelModel``.
+tensor parallel -> pipeline parallel -> a data-parallel strand (plain, ZeRO-1/2 or ZeRO-3). Each is
+applied to the plain model from the outside, guided only by the model's description; the model
+never imports torch.distributed. Training, verify, bench and users' own loops build their parallel
+model here and drive it only through ``ParallelModel``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
-from ..config import RunConfig
+from ..config import ParallelConfig
+from ..models.description import ModelDescription, check, cross_entropy, get_module, tied_parameters
+from ..seeds import seed_for
 from ..topology import Groups
-from ..train.optim import clip_grad_norm
+from .clip import ClipSets, NormGroups, clip_grad_norm
 from .data import DataParallel
-from .pipeline import PipelineParallel, StepContext, apply_pipeline, sum_tied_grads, tied_weight
+from .pipeline.runtime import PipelineParallel, StepContext
+from .pipeline.stages import apply_pipeline, tied_copy
+from .protocol import DataParallelStrand
 from .tensor import TensorParallel, apply_tensor_parallel
 from .zero import ZeroDataParallel
 from .zero3 import Zero3
@@ -29,33 +34,49 @@ from .zero3 import Zero3
 
 @dataclass
 class ParallelModel:
-    """The local part of the model and the strand objects that act on it around each step."""
+    """The local part of the model and the strands that act on it around each step: the one face
+    that the trainer, verify, bench and users' loops use."""
 
     module: nn.Module
+    desc: ModelDescription
     groups: Groups
-    grad_sync: DataParallel
+    data: DataParallelStrand
     tp: TensorParallel | None = None
     pipeline: PipelineParallel | None = None
-    tied: bool = False  # gpt2's embedding split over the first and last pipeline stage
-    _clip_sets: tuple | None = field(default=None, repr=False)  # clip_grads' partition, built once
+    tied_split: bool = False  # a tied parameter split over the first and last pipeline stage
+    _clip: tuple | None = field(default=None, repr=False)  # (ClipSets, NormGroups), built once
+    _sp_grads: list | None = field(default=None, repr=False)  # the sp partial gradients, found once
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy per token (mean or sum); vocabulary-parallel under tp."""
-        if self.tp is not None:
-            return self.tp.loss(logits, target, reduction)
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction)
+    # ---------------------------------------------------------------- one training step
+
+    def train_step(self, micro: list, optimizer: torch.optim.Optimizer, max_norm: float = 0.0,
+                   autocast=contextlib.nullcontext, meter=None) -> tuple[float, float]:
+        """Forward and backward of this rank's micro-batches ``[(inputs, targets)]``, gradient
+        sync, global-norm clip (``max_norm`` 0: measure only), optimizer step. Returns the loss
+        (mean over dp; collective over every rank) and the gradient norm."""
+        local = self.forward_backward(micro, autocast, meter)
+        self.finish_grads()
+        norm = self.clip_grads(max_norm)
+        optimizer.step()
+        self.after_step()
+        self.zero_grad()
+        return self.global_loss(local), norm
+
+    def loss(self, outputs: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The model's loss (mean or sum over tokens); vocabulary-parallel under tp."""
+        if self.tp is not None and self.tp.vocab_parallel:
+            return self.tp.loss(outputs, target, reduction)
+        return (self.desc.loss or cross_entropy)(outputs, target, reduction)
 
     def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; gradients accumulate (scaled 1/len).
         Returns the mean loss where this rank computes it (every rank, or the last stage), else 0."""
-        self.grad_sync.begin_step()
-        ctx = StepContext(micro, self.loss, autocast, self.grad_sync.no_sync, meter)
+        self.data.begin_step()
+        ctx = StepContext(micro, self.loss, autocast, self.data.no_sync, meter)
         if self.pipeline is not None:
             return self.pipeline.train_step(ctx)
         for i, (x, y) in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.grad_sync.no_sync()
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else self.data.no_sync()
             a = _Key(i)
             with sync:
                 with ctx.measure(a), autocast():
@@ -65,21 +86,58 @@ class ParallelModel:
             ctx.total += loss.detach()
         return ctx.total / len(micro)
 
-    @torch.no_grad()
-    def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
-        """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss)."""
-        with self.grad_sync.gathered():
-            return self._loss_sum(micro, autocast)
+    def finish_grads(self) -> None:
+        """After the last backward: mean over dp, sp partial sums over tp, tied copies summed."""
+        self.data.finish()
+        if self.tp is not None and self.tp.sequence_parallel:
+            self.tp.finish_grads(self._sp_partial_grads())
+        copy = tied_copy(self.desc, self.module) if self.tied_split else None
+        if copy is not None:  # the first or the last stage (ZeRO: the two stages' slices line up)
+            grad = self.data.tied_grad(copy)
+            if grad is not None:
+                comm.all_reduce_(grad, self.groups.embed)
 
-    def _loss_sum(self, micro: list, autocast) -> torch.Tensor:
-        if self.pipeline is not None:
-            outs = self.pipeline.forward_only(StepContext(micro, self.loss, autocast))
-            return sum((self.loss(o, y, "sum") for o, (_, y) in zip(outs, micro)), torch.zeros(()))
-        total = torch.zeros(())
-        for x, y in micro:
-            with autocast():
-                total = total + self.loss(self.module(x), y, reduction="sum").cpu()
-        return total
+    def _sp_partial_grads(self) -> list[torch.Tensor]:
+        """The gradients of the sequence-parallel partial-sum parameters as the optimizer holds
+        them: under ZeRO the full gradients are gone (or stale) after the dp reduction, so the sum
+        over tp is applied to the slices (sums over dp and tp commute)."""
+        if self._sp_grads is None:
+            wanted = {id(p) for n, p in self.module.named_parameters() if n in self.tp.sp_partial}
+            self._sp_grads = [seg for seg, src in self.data.segments if id(src) in wanted]
+        return [seg.grad for seg in self._sp_grads]
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Global-norm clip over what the optimizer steps (``clip.py``); returns the norm."""
+        if self._clip is None:
+            self._clip = self._clip_partition()
+        return clip_grad_norm(self._clip[0], max_norm, self._clip[1])
+
+    def _clip_partition(self) -> tuple[ClipSets, NormGroups]:
+        """(tp-sharded, replicated, tied copy) among the optimizer's segments; fixed for the run."""
+        sharded = self.tp.sharded if self.tp is not None else {}
+        name = {id(p): n for n, p in self.module.named_parameters()}
+        copies = {id(_local_param(self.module, out)) for out, _ in self.desc.tied} if self.tied_split else set()
+        segs = [(s, name[id(src)] in sharded) for s, src in self.data.segments if id(src) not in copies]
+        sets = ClipSets(tuple(s for s, split in segs if split), tuple(s for s, split in segs if not split),
+                        tuple(s for s, src in self.data.segments if id(src) in copies))
+        groups = NormGroups(self.tp.group if self.tp is not None else None,
+                            self.groups.pp if self.pipeline is not None else None,
+                            self.groups.dp if self.data.shards_grads else None)
+        return sets, groups
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """What the optimizer updates (ZeRO: this rank's slices), with weight decay on matrices."""
+        return self.data.param_groups(weight_decay)
+
+    def after_step(self) -> None:
+        """After the optimizer step (ZeRO-1/2: all-gather the updated parameters over dp)."""
+        self.data.after_step()
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place for the next step (never ``optimizer.zero_grad()``)."""
+        self.data.zero_grad()
+
+    # ---------------------------------------------------------------- losses over the run
 
     @property
     def holds_loss(self) -> bool:
@@ -92,99 +150,110 @@ class ParallelModel:
         held = self.holds_loss
         return comm.weighted_mean(float(local) if held else 0.0, 1.0 if held else 0.0)
 
-    def finish_grads(self) -> None:
-        """After the last backward of a step: mean over dp, sp partial sums over tp, tied copies summed."""
-        self.grad_sync.finish()
-        if self.tp is not None:
-            self.tp.finish_grads(self._sp_slices())
-        if self.tied:
-            isolated = getattr(self.grad_sync, "isolated_grad", None)
-            if isolated is not None:  # ZeRO: the two stages' slices of the tied weight line up
-                comm.all_reduce_(isolated, self.groups.embed)
-            else:
-                sum_tied_grads(self.module, self.groups.embed)
+    @torch.no_grad()
+    def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
+        """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss)."""
+        with self.gathered():
+            if self.pipeline is not None:
+                outs = self.pipeline.forward_only(StepContext(micro, self.loss, autocast))
+                return sum((self.loss(o, y, "sum") for o, (_, y) in zip(outs, micro)), torch.zeros(()))
+            total = torch.zeros(())
+            for x, y in micro:
+                with autocast():
+                    total = total + self.loss(self.module(x), y, reduction="sum").cpu()
+            return total
 
-    def _sp_slices(self) -> list[torch.Tensor]:
-        """The gradients of the sequence-parallel replicated parameters as the optimizer holds them:
-        under ZeRO the full gradients are gone (or stale) after the dp reduction, so the sum over
-        tp is applied to the slices (sums over dp and tp commute)."""
-        wanted = {id(p) for p in self.tp.sp_replicated}
-        return [seg.grad for seg, src in self.grad_sync.segments if id(src) in wanted]
+    # ---------------------------------------------------------------- reading the whole model
 
-    def optimizer_params(self) -> list[nn.Parameter]:
-        """What the optimizer updates: the local parameters, or under ZeRO this rank's slices."""
-        return self.grad_sync.optimizer_params()
-
-    def after_step(self) -> None:
-        """After the optimizer step (ZeRO: all-gather the updated parameters over dp)."""
-        self.grad_sync.after_step()
-
-    def clip_grads(self, max_norm: float) -> float:
-        """Global-norm clip over what the optimizer steps (ZeRO: this rank's slices, squares summed
-        over dp): tp shards summed over tp, stages summed over pp, the tied weight's copy scaled
-        but counted once."""
-        if self._clip_sets is None:
-            self._clip_sets = self._clip_partition()
-        sharded, replicated, copies = self._clip_sets
-        return clip_grad_norm(sharded, replicated, max_norm, self.tp.group if self.tp is not None else None,
-                              self.groups.pp if self.pipeline is not None else None, copies,
-                              self.groups.dp if self.grad_sync.shards_grads else None)
-
-    def _clip_partition(self) -> tuple[list, list, tuple]:
-        """(tp-sharded, replicated, tied copies) among the optimizer's parameters; fixed for the run."""
-        sharded = self.tp.sharded if self.tp is not None else {}
-        name = {id(p): n for n, p in self.module.named_parameters()}
-        copy = self.module.lm_head.weight if self.tied and self.module.lm_head is not None else None
-        segs = [(s, name[id(src)] in sharded) for s, src in self.grad_sync.segments if src is not copy]
-        return ([s for s, split in segs if split], [s for s, split in segs if not split],
-                tuple(s for s, src in self.grad_sync.segments if src is copy))
+    def gathered(self):
+        """A context in which the whole local model is readable (ZeRO-3 gathers it over dp)."""
+        return self.data.gathered()
 
     def full_params(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by name, on CPU (collective over tp and pp; ZeRO-3: dp)."""
-        with self.grad_sync.gathered():
-            return self._full_params()
-
-    def _full_params(self) -> dict[str, torch.Tensor]:
-        if self.tp is not None:
-            params = self.tp.full_params(self.module)
-        else:
-            params = {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
-        if self.pipeline is None:
-            return params
-        parts: list = [None] * comm.group_size(self.groups.pp)
-        dist.all_gather_object(parts, params, group=self.groups.pp)
+        with self.gathered():
+            params = self.tp.full_params(self.module) if self.tp is not None else \
+                {n: p.detach().cpu().clone() for n, p in self.module.named_parameters()}
+            if self.pipeline is None:
+                return params
+            parts: list = [None] * comm.group_size(self.groups.pp)
+            dist.all_gather_object(parts, params, group=self.groups.pp)
         merged = {k: v for part in parts for k, v in part.items()}
-        if self.tied:
-            merged.pop("lm_head.weight", None)  # the reference has one tied weight, tok_emb.weight
+        for out_name, _ in self.desc.tied if self.tied_split else ():
+            merged.pop(out_name, None)  # the unsplit model holds one tied parameter, the input stage's
         return merged
 
     def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits over the whole vocabulary on every rank (for sampling; collective over tp, pp)."""
-        with self.grad_sync.gathered():
-            return self._full_logits(tokens)
-
-    def _full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.pipeline is not None:
-            logits = self._pipeline_logits(tokens)
-        else:
-            logits = self.module(tokens)
+        """Outputs over the whole vocabulary on every rank (for sampling; collective over tp, pp)."""
+        with self.gathered():
+            logits = self._pipeline_logits(tokens) if self.pipeline is not None else self.module(tokens)
         return self.tp.full_logits(logits) if self.tp is not None else logits
 
     def _pipeline_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        outs = self.pipeline.forward_only(StepContext([(tokens, None)], self.loss))
-        last = self.pipeline.stage_rank(self.pipeline.num_stages - 1)
-        shape = (*tokens.shape, self.module_vocab_local())
-        logits = outs[0] if outs else torch.empty(shape, dtype=self.pipeline.dtype, device=tokens.device)
-        dist.broadcast(logits.contiguous(), last, group=self.groups.pp)
+        """The last stage's outputs, broadcast over pp: first their shape, then the values in the
+        parameters' dtype (under autocast the last stage computes them in bf16)."""
+        pipe = self.pipeline
+        outs = pipe.forward_only(StepContext([(tokens, None)], self.loss))
+        last = pipe.stage_rank(pipe.num_stages - 1)
+        shape = torch.tensor(outs[0].shape if outs else [0, 0, 0], dtype=torch.long, device=pipe.device)
+        dist.broadcast(shape, last, group=self.groups.pp)
+        logits = outs[0].to(pipe.dtype).contiguous() if outs else \
+            torch.empty(shape.tolist(), dtype=pipe.dtype, device=pipe.device)
+        dist.broadcast(logits, last, group=self.groups.pp)
         return logits
-
-    def module_vocab_local(self) -> int:
-        """Columns of the logits on this rank (vocabulary, padded and split under tp)."""
-        return self.tp.padded_vocab // self.tp.tp if self.tp is not None else self.module.cfg.vocab
 
     def checkpoint_shards(self) -> tuple | None:
         """``(tp_mesh, {name: (dim, size)})`` of the tensor-parallel shards, for checkpoints."""
         return (self.tp.mesh, self.tp.sharded) if self.tp is not None else None
+
+    # ---------------------------------------------------------------- what this rank holds
+
+    @property
+    def dp(self) -> int:
+        return self.groups.topology.dp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's share of the batch: ranks with the same dp_rank see the same data."""
+        return self.groups.coord.dp_rank
+
+    def memory(self) -> dict[str, int]:
+        """Parameter and gradient bytes held now, and gradient bytes held between steps."""
+        return {"params": self.data.param_bytes(), "grads": self.data.grad_bytes(),
+                "steady_grads": self.data.steady_grad_bytes()}
+
+    def pipeline_summary(self) -> dict | None:
+        """The schedule and the blocks of every stage, or None without pipeline parallel."""
+        if self.pipeline is None:
+            return None
+        return {"schedule": self.pipeline.schedule.name, "stage_sizes": list(self.pipeline.stage_sizes)}
+
+    def stages(self) -> list[tuple[int, list[nn.Module], Callable]]:
+        """This rank's pipeline stages as (global stage, its modules, its forward), for another
+        pipeline runtime to drive (``plait bench pp`` races torch's schedules on them). The first
+        stage's forward takes the model's inputs, the others the hidden states; side inputs are
+        not passed (models that have them run only under plait's own runtime)."""
+        pipe = self.pipeline
+        return [(c.stage, pipe.chunk_modules(i), functools.partial(_stage_forward, pipe, c))
+                for i, c in enumerate(pipe.chunks)]
+
+    # ---------------------------------------------------------------- recording a pipeline step
+
+    def record_actions(self) -> None:
+        """Record the (action, start, end) of this rank's next pipeline step."""
+        self.pipeline.trace = []
+
+    def recorded_actions(self) -> list[list[tuple]]:
+        """Every stage's recorded actions, on every rank of the pipeline (collective over pp)."""
+        traces: list = [None] * comm.group_size(self.groups.pp)
+        dist.all_gather_object(traces, self.pipeline.trace, group=self.groups.pp)
+        self.pipeline.trace = None
+        return traces
+
+    def schedule_actions(self, microbatches: int) -> list[list]:
+        """Every pipeline rank's action list for a step of ``microbatches``."""
+        p = self.pipeline
+        return p.schedule.actions(p.pp, microbatches, len(p.chunks))
 
 
 @dataclass(frozen=True)
@@ -195,26 +264,50 @@ class _Key:
     chunk: int = 0
 
 
-def parallelize(model: nn.Module, groups: Groups, cfg: RunConfig) -> ParallelModel:
-    """Apply the layout of ``cfg.parallel`` to ``model`` (already on its device and dtype)."""
-    p = cfg.parallel
+def _stage_forward(pipe: PipelineParallel, chunk, x):
+    return pipe.run_chunk(chunk, None if chunk.first else x, x if chunk.first else None)
+
+
+def _local_param(module: nn.Module, name: str) -> nn.Parameter | None:
+    owner, _, attr = name.rpartition(".")
+    holder = get_module(module, owner)
+    return getattr(holder, attr, None) if holder is not None else None
+
+
+def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
+                seed: int = 0, tokens_per_step: int | None = None, sample=None) -> ParallelModel:
+    """Apply the layout ``parallel`` to ``model`` (already on its device and dtype, the same on
+    every rank) as its description ``desc`` allows.
+
+    ``seed``: the run's seed (tensor parallel's dropout stream derives from it); ``tokens_per_step``:
+    tokens each dp rank trains on in a step (balances pipeline stages); ``sample``: inputs of one
+    micro-batch, to check the description by running its pieces once before anything is split."""
+    check(desc, model, sample)
+    p, coord = parallel, groups.coord
     tp = pipeline = None
-    tied = model.lm_head.weight is model.tok_emb.weight
+    tied = bool(list(tied_parameters(desc, model)))
     if p.tp > 1 or p.sequence_parallel:
-        seed = cfg.train.seed + 100_003 * (1 + groups.coord.dp_rank)  # dropout streams differ over dp and tp
-        tp = apply_tensor_parallel(model, groups.tp, p.sequence_parallel, seed)
-        tp.mesh = groups.mesh["tp"]
+        tp = apply_tensor_parallel(model, desc, groups.mesh["tp"], sequence_parallel=p.sequence_parallel,
+                                   seed=seed_for(seed, "tp", dp_rank=coord.dp_rank, tp_rank=coord.tp_rank))
     if p.pp > 1:
-        pipeline = apply_pipeline(model, groups, cfg)
-        if tp is not None:  # forget what now lives on other stages
-            local = {id(q) for q in model.parameters()}
-            tp.sp_replicated = [q for q in tp.sp_replicated if id(q) in local]
+        pipeline = apply_pipeline(model, desc, groups.pp, schedule=p.schedule, virtual_stages=p.virtual_stages,
+                                  stage_layers=p.stage_layers, tokens_per_step=tokens_per_step,
+                                  seq_shards=p.tp if p.sequence_parallel else 1)
     split_tie = tied and p.pp > 1
-    isolate = tied_weight(model) if split_tie and p.zero else None  # its ZeRO slices must line up
+    return ParallelModel(model, desc, groups, _data_strand(model, desc, groups, p, split_tie), tp, pipeline,
+                         split_tie)
+
+
+def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: ParallelConfig,
+                 split_tie: bool) -> DataParallelStrand:
+    """The data-parallel strand of ``p.zero``; under ZeRO a tied weight split over pipeline stages
+    gets storage of its own, so that its slices line up between the two stages."""
+    isolate = tied_copy(desc, model) if split_tie and p.zero else None
     if p.zero == 3:
-        sync = Zero3(model, groups.dp, isolate)
-    elif p.zero:
-        sync = ZeroDataParallel(model, groups.dp, p.zero, isolate=isolate)
-    else:
-        sync = DataParallel(model, groups.dp)
-    return ParallelModel(model, groups, sync, tp, pipeline, split_tie)
+        return Zero3(model, groups.dp, units=desc.block_list(model), isolate=isolate)
+    if p.zero:
+        return ZeroDataParallel(model, groups.dp, stage=p.zero, isolate=isolate)
+    return DataParallel(model, groups.dp)
+
+
+__all__ = ["ParallelModel", "parallelize"]

@@ -1,22 +1,25 @@
 """Tensor parallel: every weight matrix split across the tp group (Shoeybi et al. 2019, Megatron-LM).
 
 The plain model is turned into its tp form from the outside by :func:`apply_tensor_parallel`,
-following a plan (module-name pattern -> style). Per transformer layer (§3 of the paper):
+following the tensor-parallel plan of the model's description (module-name pattern -> style). For
+a transformer layer (§3 of the paper) the plan reads:
 
-- attention: wq, wk, wv split by output columns, so each rank owns heads/tp query heads and
-  kv_heads/tp key/value heads; wo split by input rows.
-- MLP: up (and llama's gate) by columns, down by rows.
-- The attention and MLP blocks are tp *regions*: the input enters once through Megatron's f
-  (forward identity, backward all-reduce over tp), and the row-parallel output leaves through g
-  (forward all-reduce, backward identity). One all-reduce each way per block.
-- Embedding and output layer split the vocabulary (padded to a multiple of tp, the padding
-  masked); the loss is computed on vocabulary shards and never materialises full logits.
+- attention: the query, key and value projections are ``column`` (split by output features, so
+  each rank owns heads/tp query heads and kv_heads/tp key/value heads), the output projection
+  ``row`` (split by input features).
+- MLP: the up (and gate) projections ``column``, the down projection ``row``.
+- Attention and MLP are tp ``region``s: the input enters once through Megatron's f (forward
+  identity, backward all-reduce over tp), and the row-parallel output leaves through g (forward
+  all-reduce, backward identity). One all-reduce each way per region.
+- ``vocab_embedding`` and ``vocab_head`` split the vocabulary (padded to a multiple of tp, the
+  padding masked); the loss is computed on vocabulary shards and never materialises full logits.
 
 Sequence parallel (Korthikanti et al. 2022, §4.2.2): between regions, activations are split along
 the sequence, so norms and dropout work on 1/tp of the tokens. f becomes an all-gather along the
 sequence (backward: reduce-scatter), g a reduce-scatter (backward: all-gather). Gradients of
-parameters used on sequence shards (norms, row-parallel biases) are partial sums and are
-all-reduced over tp after backward.
+parameters used on sequence shards (the blocks' and the output stage's norms, row-parallel
+biases) are partial sums and are all-reduced over tp after backward. The hidden states are split
+along the sequence as they enter the first block.
 """
 
 from __future__ import annotations
@@ -31,18 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
-
-PLAN = {
-    "tok_emb": "vocab_embedding",
-    "blocks.*.attn": "region",
-    "blocks.*.attn.w[qkv]": "column",
-    "blocks.*.attn.wo": "row",
-    "blocks.*.mlp": "region",
-    "blocks.*.mlp.gate": "column",
-    "blocks.*.mlp.up": "column",
-    "blocks.*.mlp.down": "row",
-    "lm_head": "vocab_head",
-}
+from ..errors import DescriptionError
+from ..models.description import ModelDescription, param_owner, set_module, tied_parameters
 
 
 def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -229,19 +222,24 @@ class RNGTracker:
         module.forward = forward
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorParallel:
-    """What apply_tensor_parallel did, and the tp-aware pieces the trainer needs."""
+    """What apply_tensor_parallel did, and the tp-aware pieces the parallel model needs."""
 
+    mesh: object  # the 1-D tp DeviceMesh (DTensor views of the shards, for checkpoints)
     group: object
     tp: int
     sequence_parallel: bool
-    vocab: int
-    vocab_start: int
-    padded_vocab: int
-    sharded: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (dim, full size)
-    mesh: object = None  # the 1-D tp DeviceMesh, for DTensor views of the shards (checkpoints)
-    sp_replicated: list[nn.Parameter] = field(default_factory=list)  # partial grads under sp
+    sharded: dict[str, tuple[int, int]]  # parameter name -> (split dim, unsplit size)
+    sp_partial: frozenset[str] = frozenset()  # parameters whose gradients are partial sums under sp
+    vocab: int = 0  # of the vocab_head (0: none; the loss is then not vocabulary-parallel)
+    vocab_start: int = 0
+    padded_vocab: int = 0
+
+    @property
+    def vocab_parallel(self) -> bool:
+        """Whether the outputs are logits split by vocabulary (the loss must be too)."""
+        return self.vocab > 0
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.flatten(), self.vocab_start,
@@ -272,85 +270,114 @@ class TensorParallel:
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(…, V/tp) on each rank -> (…, V) on every rank (for sampling, not for training)."""
+        if not self.vocab_parallel:
+            return logits
         return comm.gather_last(logits, self.group)[..., : self.vocab]
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
+def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, sequence_parallel: bool = False,
+                          seed: int = 0) -> TensorParallel:
+    """Replace the modules that ``desc.tp`` names with their tp form, in place, copying weight slices.
 
-
-def _style(name: str, plan: dict[str, str]) -> str | None:
-    return next((style for pattern, style in plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
-
-
-def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False, seed: int = 0,
-                          plan: dict[str, str] | None = None) -> TensorParallel:
-    """Replace the modules named by ``plan`` with their tp form, in place, copying weight slices.
-
-    Every rank must hold the same full model (same seed). Tied embeddings stay tied: the output
-    layer and the embedding share the same vocabulary shard.
+    ``mesh``: the 1-D tp DeviceMesh; ``seed``: of the stream that sharded dropout draws from (this
+    rank's; ``seeds.seed_for(..., "tp")``). Every rank must hold the same full model (same seed).
+    Tied parameters stay tied: the output layer and the embedding share the same vocabulary shard.
     """
-    plan = PLAN if plan is None else plan
-    tp = dist.get_world_size(group)
-    vocab = model.tok_emb.num_embeddings
-    padded = -(-vocab // tp) * tp
-    info = TensorParallel(group, tp, sequence_parallel, vocab, dist.get_rank(group) * padded // tp, padded)
-    tied = model.lm_head.weight is model.tok_emb.weight
+    group = mesh.get_group()
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    for fact, value in desc.tp.divisible.items():
+        if value % tp:
+            raise DescriptionError(f"tp.divisible[{fact!r}]", value, f"must be divisible by parallel.tp={tp}")
+    tied = list(tied_parameters(desc, model))
+    vocab = _vocab_of(model, desc)
+    padded = -(-vocab // tp) * tp if vocab else 0
+    ctx = _Styling(group, tp, rank, sequence_parallel, padded)
     for name, module in list(model.named_modules()):
-        style = _style(name, plan)
+        style = desc.tp.style_of(name)
         if style is not None:
-            _apply_style(model, name, module, style, info, padded)
-    if tied:
-        model.lm_head.weight = model.tok_emb.weight
+            ctx.apply(model, name, module, style)
+    for out_name, in_name in tied:
+        set_module(model, out_name, model.get_parameter(in_name))
+    partial: frozenset[str] = frozenset()
     if sequence_parallel:
-        model.blocks[0].register_forward_pre_hook(lambda _m, args: (comm.scatter_seq(args[0], group), *args[1:]))
-        info.sp_replicated = [p for n, p in model.named_parameters()
-                              if n not in info.sharded and n.startswith(("blocks.", "norm."))]
-    _track_dropout(model, info, seed)
-    return info
+        desc.block_list(model)[0].register_forward_pre_hook(
+            lambda _m, args: (comm.scatter_seq(args[0], group), *args[1:]))
+        owner = param_owner(desc)
+        partial = frozenset(n for n, _ in model.named_parameters()
+                            if n not in ctx.sharded and owner(n) in ("block", "output"))
+    _track_random(model, desc, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
+    return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if padded else 0,
+                          rank * padded // tp if padded else 0, padded)
 
 
-def _apply_style(model: nn.Module, name: str, module: nn.Module, style: str, info: TensorParallel,
-                 padded: int) -> None:
-    g, sp = info.group, info.sequence_parallel
-    if style == "region":  # f (or the seq all-gather) once at the input of attention / MLP
-        module.register_forward_pre_hook(lambda _m, args: (_enter(args[0], g, sp), *args[1:]))
-        return
-    if style == "column":
-        new = ColumnParallelLinear.from_linear(module, g)
-        info.sharded[f"{name}.weight"] = (0, module.out_features)
+def _vocab_of(model: nn.Module, desc: ModelDescription) -> int:
+    """Rows of the vocabulary-split layers (0 if there are none); they must agree."""
+    sizes = set()
+    for name, module in model.named_modules():
+        style = desc.tp.style_of(name)
+        if style == "vocab_embedding":
+            sizes.add(module.num_embeddings)
+        elif style == "vocab_head":
+            sizes.add(module.out_features)
+    if len(sizes) > 1:
+        raise DescriptionError("tp.styles", sorted(sizes), "vocab_embedding and vocab_head must have one vocabulary")
+    return sizes.pop() if sizes else 0
+
+
+@dataclass
+class _Styling:
+    """Turns one module at a time into its tp form, recording what it shards."""
+
+    group: object
+    tp: int
+    rank: int
+    sequence_parallel: bool
+    padded_vocab: int
+    sharded: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def apply(self, model: nn.Module, name: str, module: nn.Module, style: str) -> None:
+        g, sp = self.group, self.sequence_parallel
+        if style == "region":  # f (or the seq all-gather) once at the input
+            module.register_forward_pre_hook(lambda _m, args: (_enter(args[0], g, sp), *args[1:]))
+            return
+        kind = {"column": nn.Linear, "row": nn.Linear, "vocab_head": nn.Linear, "vocab_embedding": nn.Embedding}
+        if not isinstance(module, kind[style]):
+            raise DescriptionError(f"tp style of {name}", style, f"needs an nn.{kind[style].__name__}, "
+                                   f"not {type(module).__name__}")
+        new = self._build(name, module, style)
+        set_module(model, name, new)
+
+    def _build(self, name: str, module: nn.Module, style: str) -> nn.Module:
+        g, sp = self.group, self.sequence_parallel
+        if style == "column":
+            for what in ("weight", "bias") if module.bias is not None else ("weight",):
+                self.sharded[f"{name}.{what}"] = (0, module.out_features)
+            return ColumnParallelLinear.from_linear(module, g)
+        if style == "row":
+            self.sharded[f"{name}.weight"] = (1, module.in_features)
+            return RowParallelLinear.from_linear(module, g, sequence_parallel=sp)
+        if style == "vocab_embedding":
+            self.sharded[f"{name}.weight"] = (0, module.num_embeddings)
+            return VocabParallelEmbedding.from_embedding(module, g, self.padded_vocab)
         if module.bias is not None:
-            info.sharded[f"{name}.bias"] = (0, module.out_features)
-    elif style == "row":
-        new = RowParallelLinear.from_linear(module, g, sequence_parallel=sp)
-        info.sharded[f"{name}.weight"] = (1, module.in_features)
-    elif style == "vocab_embedding":
-        new = VocabParallelEmbedding.from_embedding(module, g, padded)
-        info.sharded[f"{name}.weight"] = (0, info.vocab)
-    elif style == "vocab_head":
-        weight = _padded_rows(module.weight, padded)
-        new = ColumnParallelLinear(_shard(weight, 0, dist.get_rank(g), info.tp), None, g, entry=True,
-                                   sequence_parallel=sp)
-        info.sharded[f"{name}.weight"] = (0, info.vocab)
-    else:
-        raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
-    parent, child = _parent(model, name)
-    setattr(parent, child, new)
+            raise DescriptionError(f"tp style of {name}", style, "a vocab_head must have no bias")
+        self.sharded[f"{name}.weight"] = (0, module.out_features)
+        weight = _padded_rows(module.weight, self.padded_vocab)
+        return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), None, g, entry=True, sequence_parallel=sp)
 
 
-def _track_dropout(model: nn.Module, info: TensorParallel, seed: int) -> None:
-    """Attention dropout (per-rank heads) and, under sp, residual dropout (per-rank tokens) must
-    differ across tp ranks: run them on the tracked stream. Skipped when dropout is off."""
-    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) and not _attn_dropout(model):
-        return
-    device = next(model.parameters()).device
-    tracker = RNGTracker(seed + 2718 + dist.get_rank(info.group), device)
-    for block in model.blocks:
-        tracker.wrap(block.attn)
-        if info.sequence_parallel:
-            tracker.wrap(block.drop)
-
-
-def _attn_dropout(model: nn.Module) -> bool:
-    return any(getattr(b.attn, "dropout", 0) > 0 for b in model.blocks)
+def _track_random(model: nn.Module, desc: ModelDescription, sequence_parallel: bool, tracker: RNGTracker) -> None:
+    """Run on the tracked stream (per tp rank) what draws random numbers on this rank's shard: the
+    description's ``sharded_random`` modules, dropout inside a region, and under sequence parallel
+    the blocks' other dropout (each rank holds other tokens). Dropout that is off is left alone."""
+    regions = [n for n, _ in model.named_modules() if desc.tp.style_of(n) == "region"]
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue  # already on the tracked stream through a module around it
+        sharded = any(fnmatch.fnmatchcase(name, pattern) for pattern in desc.tp.sharded_random)
+        if not sharded and isinstance(module, nn.Dropout) and module.p > 0 and name.startswith(desc.blocks + "."):
+            sharded = sequence_parallel or any(name.startswith(r + ".") for r in regions)
+        if sharded:
+            tracker.wrap(module)
+            wrapped.append(name)

@@ -1,7 +1,7 @@
 """ZeRO stages 1 and 2 over the dp group (Rajbhandari et al. 2020, §5), on data parallel's buckets.
 
-Each bucket's gradients and parameters are laid out flat (padded to a multiple of dp); dp rank r
-owns the r-th slice of every bucket. The optimizer sees only the owned slices: one segment per
+Each bucket's gradients and parameters are laid out flat (padded to a multiple of dp, ``flat.py``);
+dp rank r owns the r-th slice of every bucket. The optimizer sees only the owned slices: one segment per
 parameter that overlaps the slice (so weight decay still applies per parameter), sharing storage
 with the flat parameters.
 
@@ -13,121 +13,121 @@ with the flat parameters.
 - optimizer step: AdamW on the owned slices only; Adam's moments exist for 1/dp of the model.
 - after the step: each bucket's parameters are all-gathered from the slices over dp.
 Model states per rank with fp32 AdamW (4 bytes a parameter, 4 a gradient, 8 of moments):
-stage 1: 4 + 4 + 8/dp bytes a parameter; stage 2: 4 + 12/dp between steps (REFERENCE.md).
+stage 1: 4 + 4 + 8/dp bytes a parameter; stage 2: 4 + 12/dp between steps (docs/formulas.md).
 Traffic: stage 1 one all-reduce plus the all-gather of parameters; stage 2 reduce-scatter plus
 all-gather, the same volume as one all-reduce.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Bucket, DataParallel, _attach_views, flatten_into
+from .. import comm
+from .data import Bucket, GradBuckets, bucket_layout
+from .flat import FlatLayout, flatten_into
+from .protocol import DataParallelStrand
 
 
-class ZeroDataParallel(DataParallel):
+@dataclass
+class _Shard:
+    """One bucket's parameters, flat, and this rank's slice of their reduced gradient."""
+
+    layout: FlatLayout
+    flat: torch.Tensor  # the parameters, flat and padded; each p.data is a view into it
+    grad: torch.Tensor  # this rank's slice of the reduced gradient (stage 1: a view into the bucket)
+
+
+class ZeroDataParallel(DataParallelStrand):
     """Data parallel whose optimizer states (stage 1) and gradients (stage 2) are sharded over dp."""
 
     shards_grads = True  # the optimizer's segments are this rank's slices
 
-    def __init__(self, module: nn.Module, group, stage: int, **kw):
-        self.stage = stage
-        self.rank = dist.get_rank(group)
-        super().__init__(module, group, **kw)
-        self.isolated_grad = self.buckets[-1].shard_grad if self.isolated is not None else None
-        self.segments = [seg for b in self.buckets for seg in self._segments(b)]
+    def __init__(self, module: nn.Module, group, *, stage: int, isolate: nn.Parameter | None = None,
+                 bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
+        """``isolate``: a parameter that gets a bucket of its own (see ``bucket_layout``)."""
+        self.stage, self.group = stage, group
+        self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        params = [p for p in module.parameters() if p.requires_grad]
+        layouts = [FlatLayout(tuple(ps), self.dp, self.rank)
+                   for ps in bucket_layout(params, bucket_mb, first_bucket_mb, isolate)]
+        buckets = [Bucket(list(lay.params), lay.zeros()) for lay in layouts]
+        self.shards = [self._shard(lay, b) for lay, b in zip(layouts, buckets)]
+        self._shard_of = {id(b): sh for b, sh in zip(buckets, self.shards)}
+        self.grads = GradBuckets(buckets, self._launch, hooked=True)
+        self.segments = [seg for sh in self.shards for seg in sh.layout.segments(sh.layout.mine(sh.flat), sh.grad)]
+        self._isolated = {id(isolate): self.shards[-1].grad} if isolate is not None else {}
 
-    def _make_bucket(self, params: list[nn.Parameter]) -> Bucket:
-        total = sum(p.numel() for p in params)
-        padded = -(-total // self.dp) * self.dp
-        kind = {"dtype": params[0].dtype, "device": params[0].device}
-        bucket = Bucket(params=params, buffer=torch.zeros(padded, **kind))
-        bucket.flat = torch.zeros(padded, **kind)  # the parameters, flat; each p.data is a view
-        size = padded // self.dp
-        if self.stage >= 2:
-            bucket.shard_grad = torch.zeros(size, **kind)
-        else:  # the reduced full bucket is kept: read this rank's slice of it
-            bucket.shard_grad = bucket.buffer[self.rank * size:(self.rank + 1) * size]
-        flatten_into(params, bucket.flat)
-        _attach_views(bucket)
-        return bucket
+    def _shard(self, layout: FlatLayout, bucket: Bucket) -> _Shard:
+        flat = layout.zeros()
+        flatten_into(layout.params, flat)
+        # stage 1 keeps the reduced full bucket and reads its own slice; stage 2 receives only that
+        grad = layout.zeros(shard=True) if self.stage >= 2 else layout.mine(bucket.buffer)
+        return _Shard(layout, flat, grad)
 
-    def _segments(self, b: Bucket) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        size = len(b.shard_grad)
-        return owned_segments(b.params, b.flat[self.rank * size:(self.rank + 1) * size], b.shard_grad, self.rank)
-
-    def _launch(self, b: Bucket) -> None:
-        if self.stage < 2:
-            return super()._launch(b)
+    def _launch(self, b: Bucket):
+        """backward, stage 1: all-reduce (mean) the bucket over dp; stage 2: reduce-scatter (mean)
+        it, each rank receiving its slice."""
         b.buffer.div_(self.dp)
-        b.work = dist.reduce_scatter_single(b.shard_grad, b.buffer, group=self.group, async_op=True)
+        if self.stage < 2:
+            return comm.all_reduce_(b.buffer, self.group, async_op=True)
+        return dist.reduce_scatter_single(self._shard_of[id(b)].grad, b.buffer, group=self.group, async_op=True)
+
+    def no_sync(self):
+        return self.grads.no_sync()
 
     def finish(self) -> None:
-        super().finish()
+        self.grads.finish()
         if self.stage >= 2:  # keep only this rank's slice of the gradients between steps
-            for b in self.buckets:
+            for b in self.grads.buckets:
                 b.buffer.untyped_storage().resize_(0)
 
     def begin_step(self) -> None:
         """Stage 2: re-create the full gradient buckets (zeroed) for this step's backward."""
         if self.stage < 2:
             return
-        for b in self.buckets:
+        for b in self.grads.buckets:
             storage = b.buffer.untyped_storage()
             if storage.size() == 0:
                 storage.resize_(b.buffer.numel() * b.buffer.element_size())
                 b.buffer.zero_()
-                _attach_views(b)
+        self.grads.attach()
 
     def zero_grad(self) -> None:
-        if self.stage < 2:
-            return super().zero_grad()
-        for b in self.buckets:
-            b.shard_grad.zero_()
+        if self.stage >= 2:
+            for sh in self.shards:
+                sh.grad.zero_()
+            return
+        for b in self.grads.buckets:
+            b.buffer.zero_()
+        self.grads.attach()
 
     def after_step(self) -> None:
         """All-gather every bucket's parameters from the updated slices (over dp)."""
-        for b in self.buckets:
-            size = len(b.shard_grad)
-            mine = b.flat[self.rank * size:(self.rank + 1) * size].clone()
-            dist.all_gather_single(b.flat, mine, group=self.group)
+        for sh in self.shards:
+            mine = sh.layout.mine(sh.flat).clone()
+            dist.all_gather_single(sh.flat, mine, group=self.group)
+
+    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        if id(param) not in self._isolated:
+            raise ValueError("ZeRO sums a tied weight's slices only for the parameter built with isolate=")
+        return self._isolated[id(param)]
 
     def grad_bytes(self) -> int:
         """Gradient bytes held now: the full buckets (stage 1, or stage 2 during a step) and the
         separate slices of stage 2."""
-        full = sum(b.buffer.untyped_storage().nbytes() for b in self.buckets)
-        if self.stage < 2:  # the slices are views into the full buckets
-            return full
-        return full + sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets)
+        full = self.grads.nbytes()
+        return full if self.stage < 2 else full + self._slice_bytes()
 
     def steady_grad_bytes(self) -> int:
         """Gradient bytes held between steps: the full buckets (stage 1) or the slices (stage 2)."""
-        if self.stage >= 2:
-            return sum(b.shard_grad.numel() * b.shard_grad.element_size() for b in self.buckets)
-        return super().steady_grad_bytes()
+        return self._slice_bytes() if self.stage >= 2 else self.grads.nbytes()
 
-    def optimizer_params(self) -> list[nn.Parameter]:
-        return [seg for seg, _ in self.segments]
+    def _slice_bytes(self) -> int:
+        return sum(sh.grad.numel() * sh.grad.element_size() for sh in self.shards)
 
-    def decays(self) -> set[int]:
-        """ids of the segments whose source parameter takes weight decay (two or more dims)."""
-        return {id(seg) for seg, src in self.segments if src.dim() >= 2}
-
-
-def owned_segments(params: list[nn.Parameter], values: torch.Tensor, grads: torch.Tensor,
-                   rank: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """(segment, source) for each of ``params`` (laid out flat, in order) that overlaps rank
-    ``rank``'s slice; ``values`` and ``grads`` are that slice. Segments share their storage."""
-    size = len(values)
-    lo, hi = rank * size, (rank + 1) * size
-    out, offset = [], 0
-    for p in params:
-        a, z = max(lo, offset), min(hi, offset + p.numel())
-        if a < z:
-            seg = nn.Parameter(values[a - lo:z - lo])
-            seg.grad = grads[a - lo:z - lo]
-            out.append((seg, p))
-        offset += p.numel()
-    return out
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for sh in self.shards for p in sh.layout.params)

@@ -1,7 +1,7 @@
 """ZeRO-3 over the dp group (Rajbhandari et al. 2020, §5.3): parameters sharded too.
 
-Units: every transformer block, and a root unit with everything else (embeddings, final norm,
-output layer). Each unit keeps only this rank's slice of its flat parameters between uses.
+Units: every block of the model's description, and a root unit with everything else (the input
+and output stages). Each unit keeps only this rank's slice of its flat parameters between uses.
 
 - forward: a block's parameters are all-gathered over dp just before it runs and freed right
   after (the storage is released; tensors saved for backward keep pointing at it).
@@ -9,8 +9,8 @@ output layer). Each unit keeps only this rank's slice of its flat parameters bet
   backward; once all its gradients are accumulated they are reduce-scattered (mean) over dp into
   this rank's slice, and the full parameters and gradients are freed. Under zero bubble the hook
   fires in I, and the unit waits for the W of every micro-batch whose I has run (the count adds up).
-- the root unit is gathered for the whole step (its embedding is tied to the output layer in
-  gpt2) and reduce-scattered at the end.
+- the root unit is gathered for the whole step (an input embedding may be tied to the output
+  layer) and reduce-scattered at the end.
 - optimizer: AdamW on this rank's slices, as in ZeRO-1/2; nothing to gather after the step.
 
 Model states per rank with fp32 AdamW: 16/dp bytes a parameter. Traffic: 1.5x data parallel's
@@ -27,13 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import views_of
-from .data import flatten_into
-from .zero import owned_segments
+from .flat import FlatLayout, flatten_into
+from .protocol import DataParallelStrand
 
 
 @dataclass
 class Unit:
-    params: list[nn.Parameter]
+    layout: FlatLayout  # its parameters, flat over dp
     full: torch.Tensor  # flat, padded; storage released while the unit is not in use
     alias: torch.Tensor  # the same storage with its own version counter: collectives write here, so
     #                      tensors autograd saved from ``full`` are not seen as modified in place
@@ -43,6 +43,10 @@ class Unit:
     pending: int = 0
     gathered: bool = False
     keep: bool = False  # the root unit: gathered for the whole step
+
+    @property
+    def params(self) -> tuple[nn.Parameter, ...]:
+        return self.layout.params
 
 
 def _release(t: torch.Tensor) -> None:
@@ -54,56 +58,45 @@ def _restore(t: torch.Tensor) -> None:
         t.untyped_storage().resize_(t.numel() * t.element_size())
 
 
-class Zero3:
+class Zero3(DataParallelStrand):
     """Parameter, gradient and optimizer-state sharding over ``group`` (see the module docstring)."""
 
     shards_grads = True
 
-    def __init__(self, module: nn.Module, group, isolate: nn.Parameter | None = None):
-        """``isolate``: a parameter kept in a unit of its own (see DataParallel)."""
+    def __init__(self, module: nn.Module, group, *, units: list[nn.Module], isolate: nn.Parameter | None = None):
+        """``units``: the modules gathered one at a time (the model's blocks); ``isolate``: a
+        parameter kept in a unit of its own (see ``data.bucket_layout``)."""
         self.module, self.group = module, group
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        blocks = list(module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks)
-        in_blocks = {id(p) for b in blocks for p in b.parameters()}
-        rest = [p for p in module.parameters() if id(p) not in in_blocks and p is not isolate]
-        self.units = [self._unit(list(b.parameters())) for b in blocks]
-        self.root = self._unit(rest) if rest else None
-        self.extra = [self._unit([isolate])] if isolate is not None else []
-        for unit in ([self.root] if self.root is not None else []) + self.extra:
-            unit.keep = True
-        self.isolated_grad = self.extra[0].shard_grad if self.extra else None
-        for block, unit in zip(blocks, self.units):
+        in_units = {id(p) for u in units for p in u.parameters()}
+        rest = [p for p in module.parameters() if id(p) not in in_units and p is not isolate]
+        self.units = [self._unit(list(u.parameters())) for u in units]
+        kept = ([rest] if rest else []) + ([[isolate]] if isolate is not None else [])
+        self.kept_units = [self._unit(ps) for ps in kept]
+        for unit in self.kept_units:
+            unit.keep = True  # the root, and an isolated parameter's unit: gathered for the whole step
+        self._isolated = {id(isolate): self.kept_units[-1].shard_grad} if isolate is not None else {}
+        for block, unit in zip(units, self.units):
             block.register_forward_pre_hook(lambda _m, _a, u=unit: self._gather(u))
             block.register_forward_hook(lambda _m, _a, out, u=unit: self._after_forward(u, out))
         for unit in self.all_units:
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(lambda _p, u=unit: self._grad_ready(u))
-        self.segments = [seg for u in self.all_units for seg in self._segments(u)]
+        self.segments = [seg for u in self.all_units for seg in u.layout.segments(u.shard, u.shard_grad)]
 
     @property
     def all_units(self) -> list[Unit]:
-        return self.units + ([self.root] if self.root is not None else []) + self.extra
-
-    @property
-    def kept_units(self) -> list[Unit]:
-        """Gathered for the whole step: the root, and an isolated parameter's unit."""
-        return ([self.root] if self.root is not None else []) + self.extra
+        return self.units + self.kept_units
 
     def _unit(self, params: list[nn.Parameter]) -> Unit:
-        total = sum(p.numel() for p in params)
-        padded = -(-total // self.dp) * self.dp
-        kind = {"dtype": params[0].dtype, "device": params[0].device}
-        full, size = torch.zeros(padded, **kind), padded // self.dp
+        layout = FlatLayout(tuple(params), self.dp, self.rank)
+        full = layout.zeros()
         flatten_into(params, full)
-        alias = torch.empty(0, **kind).set_(full.untyped_storage(), 0, full.shape)
-        unit = Unit(params, full, alias, torch.zeros(padded, **kind),
-                    full[self.rank * size:(self.rank + 1) * size].clone(), torch.zeros(size, **kind))
+        alias = torch.empty(0, dtype=full.dtype, device=full.device).set_(full.untyped_storage(), 0, full.shape)
+        unit = Unit(layout, full, alias, layout.zeros(), layout.mine(full).clone(), layout.zeros(shard=True))
         _release(unit.full)
         _release(unit.grad)
         return unit
-
-    def _segments(self, u: Unit) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        return owned_segments(u.params, u.shard, u.shard_grad, self.rank)
 
     # ---------------------------------------------------------------- gather / free
 
@@ -190,11 +183,10 @@ class Zero3:
             for u in self.all_units:
                 self._free(u, force=True)
 
-    def optimizer_params(self) -> list[nn.Parameter]:
-        return [seg for seg, _ in self.segments]
-
-    def decays(self) -> set[int]:
-        return {id(seg) for seg, src in self.segments if src.dim() >= 2}
+    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        if id(param) not in self._isolated:
+            raise ValueError("ZeRO-3 sums a tied weight's slices only for the parameter built with isolate=")
+        return self._isolated[id(param)]
 
     def grad_bytes(self) -> int:
         return sum(u.shard_grad.numel() * u.shard_grad.element_size() + u.grad.untyped_storage().nbytes()

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
-from ..config import RunConfig, to_toml
-from ..models import build_model, generate, num_params
+from ..config import RunConfig, microbatches, step_tokens, to_toml
+from ..models import build, generate, num_params
 from ..parallel.hybrid import parallelize
-from ..parallel.pipeline import microbatches
-from ..topology import Topology, build_groups, setup_logging
+from ..seeds import seed_for
+from ..topology import Groups, Topology, build_groups, setup_logging
 from .checkpoint import Checkpointer
 from .data import Corpus, Sampler, load_corpus, val_batches
 from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes
@@ -70,21 +69,24 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 class Trainer:
     """Model, optimizer and data of one rank; ``step()`` is one optimizer step."""
 
-    def __init__(self, cfg: RunConfig, corpus: Corpus, device: torch.device):
+    def __init__(self, cfg: RunConfig, corpus: Corpus, device: torch.device, groups: Groups | None = None):
         p, t = cfg.parallel, cfg.train
         self.cfg, self.device = cfg, device
-        self.topology = Topology(pp=p.pp, dp=p.dp, tp=p.tp)
-        self.groups = build_groups(self.topology, device.type)
+        self.groups = groups or build_groups(Topology.of(p), device.type)
         self.coord = self.groups.coord
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model).to(device=device, dtype=param_dtype(cfg))
+        torch.manual_seed(seed_for(t.seed, "init"))  # identical initial weights on every rank
+        model, desc = build(cfg.model)
+        model = model.to(device=device, dtype=param_dtype(cfg))
         self.model_params = num_params(model)  # the whole model's, before it is split
-        self.pm = parallelize(model, self.groups, cfg)
+        sample = torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
+        self.pm = parallelize(model, desc, self.groups, p, seed=t.seed, tokens_per_step=step_tokens(cfg),
+                              sample=sample)
         self.model = self.pm.module
-        self.optimizer = build_optimizer(self.pm.optimizer_params(), t, self.pm.grad_sync.decays())
-        torch.manual_seed(t.seed + 1 + self.coord.dp_rank)  # dropout differs across dp ranks
+        self.optimizer = build_optimizer(self.pm.param_groups(t.weight_decay), t)
+        torch.manual_seed(seed_for(t.seed, "dropout", dp_rank=self.coord.dp_rank))  # differs across dp
         self.corpus = corpus
-        self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, t.seed, self.coord.dp_rank, p.dp)
+        self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, seed_for(t.seed, "data"),
+                               self.coord.dp_rank, p.dp)
         self.amp = autocast_dtype(cfg, device)
         self.meter = ActivationMeter(self.model)
         self.activation_peak = 0
@@ -105,13 +107,8 @@ class Trainer:
         lr = lr_at(step, self.cfg.train)
         set_lr(self.optimizer, lr)
         micro = self._micro_batches(*self.sampler.batch(step))
-        local = self.pm.forward_backward(micro, self._autocast, self.meter if step == 0 else None)
-        self.pm.finish_grads()
-        grad_norm = self.pm.clip_grads(self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.pm.after_step()
-        self.pm.grad_sync.zero_grad()
-        loss = self.pm.global_loss(local)
+        loss, grad_norm = self.pm.train_step(micro, self.optimizer, self.cfg.train.grad_clip, self._autocast,
+                                             self.meter if step == 0 else None)
         if step == 0:
             self.activation_peak = self.meter.peak
         dt = time.perf_counter() - t0
@@ -125,12 +122,9 @@ class Trainer:
 
     def memory(self) -> dict[str, int]:
         """Bytes per rank by kind, counted from the tensors themselves."""
-        return {
-            "params": self.pm.grad_sync.param_bytes(),
-            "grads": self.pm.grad_sync.grad_bytes(),
-            "optimizer": optimizer_bytes(self.optimizer),
-            "activations": self.activation_peak,
-        }
+        held = self.pm.memory()
+        return {"params": held["params"], "grads": held["grads"], "optimizer": optimizer_bytes(self.optimizer),
+                "activations": self.activation_peak}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -149,19 +143,19 @@ class Trainer:
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     """Everything one rank does for ``plait train`` (and for verify, without outputs)."""
     device = comm.pick_device()
-    rank = dist.get_rank()
-    setup_logging(Topology(cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.tp).prefix(rank))
+    groups = build_groups(Topology.of(cfg.parallel), device.type)
+    setup_logging(groups.prefix)
     corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
-    trainer = Trainer(cfg, corpus, device)
-    lead = rank == 0
+    trainer = Trainer(cfg, corpus, device, groups)
+    lead = groups.rank == 0
     if lead and opts.out:
         log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s; %d steps",
-                 cfg.model.flavour, trainer.model_params / 1e6, cfg.parallel.dp, cfg.parallel.tp,
-                 cfg.parallel.pp, device.type, cfg.train.steps)
-    if lead and opts.out and trainer.pm.pipeline is not None:
-        pipe = trainer.pm.pipeline
-        log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe.schedule.name,
-                 microbatches(cfg), pipe.stage_sizes)
+                 cfg.model.builder or cfg.model.flavour, trainer.model_params / 1e6, cfg.parallel.dp,
+                 cfg.parallel.tp, cfg.parallel.pp, device.type, cfg.train.steps)
+    pipe = trainer.pm.pipeline_summary()
+    if lead and opts.out and pipe is not None:
+        log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe["schedule"],
+                 microbatches(cfg), pipe["stage_sizes"])
     result = _loop(trainer, opts, lead)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp
@@ -184,9 +178,9 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
     if evaluating:
         _record_val(trainer, writer, result, {"step": 0})
     for step in range(steps):
-        recording = step + 1 == opts.timeline_step and trainer.pm.pipeline is not None
+        recording = step + 1 == opts.timeline_step and trainer.pm.pipeline_summary() is not None
         if recording:
-            trainer.pm.pipeline.trace = []
+            trainer.pm.record_actions()
         row = trainer.step(step)
         if recording:
             result.timeline = _timeline(trainer, opts, lead)
@@ -198,7 +192,7 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
             writer.write(row)
         if ckpt.due(row["step"], steps):
             optimizer = None if cfg.parallel.zero else trainer.optimizer  # ZeRO slices: not yet checkpointed
-            with trainer.pm.grad_sync.gathered():
+            with trainer.pm.gathered():
                 ckpt.save(row["step"], trainer.model, optimizer, {"sampler": trainer.sampler.state_dict()},
                           trainer.pm.checkpoint_shards())
     ckpt.wait()
@@ -214,14 +208,11 @@ def _timeline(trainer: Trainer, opts: RunOptions, lead: bool) -> dict | None:
     """Gather the recorded step over pp; rank 0 compares it with the simulator and draws both."""
     from ..parallel.pipeline.report import compare
 
-    pipe = trainer.pm.pipeline
-    traces: list = [None] * trainer.cfg.parallel.pp
-    dist.all_gather_object(traces, pipe.trace, group=trainer.groups.pp)
-    pipe.trace = None
+    traces = trainer.pm.recorded_actions()
     if not lead:
         return None
     p = trainer.cfg.parallel
-    report = compare(traces, pipe.schedule.actions(p.pp, microbatches(trainer.cfg), p.virtual_stages))
+    report = compare(traces, trainer.pm.schedule_actions(microbatches(trainer.cfg)))
     real, replay, predicted = report.pop("timelines")
     if opts.out:
         from ..viz import plot_schedules
@@ -242,11 +233,11 @@ def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainRes
 
 def _sample(trainer: Trainer, opts: RunOptions) -> str:
     prompt = torch.tensor(list(opts.sample_prompt.encode()), dtype=torch.long, device=trainer.device)
-    gen = torch.Generator().manual_seed(trainer.cfg.train.seed)
-    p = trainer.cfg.parallel
-    pad_to = trainer.cfg.model.seq_len if p.pp > 1 else p.tp if p.sequence_parallel else 1
+    gen = torch.Generator().manual_seed(seed_for(trainer.cfg.train.seed, "sample"))
+    p, seq = trainer.cfg.parallel, trainer.cfg.model.seq_len
+    pad_to = seq if p.pp > 1 else p.tp if p.sequence_parallel else 1
     with trainer._autocast():
-        out = generate(trainer.model, prompt, opts.sample_tokens, generator=gen, forward=trainer.pm.full_logits,
+        out = generate(trainer.model, prompt, opts.sample_tokens, seq, generator=gen, forward=trainer.pm.full_logits,
                        pad_to=pad_to)
     return bytes(t for t in out.tolist() if t < 256).decode("utf-8", errors="replace")
 

@@ -31,19 +31,15 @@ def grid(tl: Timeline) -> str:
     """Text picture: one row per rank, one column per time unit (the shortest action's length)."""
     unit = min(e.end - e.start for e in tl.events)
     cols = round(tl.makespan / unit)
-    width = max(len(_label(e.action)) for e in tl.events) + 1
+    width = max(len(str(e.action)) for e in tl.events) + 1
     rows = []
     for r in range(tl.pp):
         cells = ["." * (width - 1) + " "] * cols
         for e in (e for e in tl.events if e.rank == r):
             for c in range(round(e.start / unit), round(e.end / unit)):
-                cells[c] = _label(e.action).ljust(width)
+                cells[c] = str(e.action).ljust(width)
         rows.append(f"rank {r} | " + "".join(cells).rstrip())
     return "\n".join(rows)
-
-
-def _label(a) -> str:
-    return f"{a.op}{a.mb}" + (f"{chr(ord('a') + a.chunk)}" if a.chunk else "")
 
 
 def measured(traces: list[list[tuple]]) -> Timeline:
@@ -74,15 +70,15 @@ def transfer_latency(tl: Timeline) -> float:
     that was waiting for it (its own rank was free earlier)."""
     from statistics import mean
 
-    from .simulate import _needs, _produces
+    from .schedules import needs, result
 
     last = max(e.stage for e in tl.events)
-    done = {(_produces(e.action), e.action.mb, e.stage): e.end for e in tl.events}
+    done = {result(e.action, e.stage): e.end for e in tl.events}
     delays = []
     for r in range(tl.pp):
         prev = None
         for e in sorted((e for e in tl.events if e.rank == r), key=lambda e: e.start):
-            remote = [done[k] for k in _needs(e.action, e.stage, last) if k[2] != e.stage and k in done]
+            remote = [done[k] for k in needs(e.action, e.stage, last) if k[2] != e.stage and k in done]
             if remote and (prev is None or max(remote) >= prev):  # waited for the transfer
                 delays.append(e.start - max(remote))
             prev = e.end

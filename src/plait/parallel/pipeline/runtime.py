@@ -2,16 +2,22 @@
 
 Per action on global stage s (this rank's chunk c, s = c * pp + pp_rank):
 
-- F: receive the activation of stage s-1 (unless s = 0), run the chunk, send the output to stage
-  s+1, or on the last stage compute the micro-batch's loss.
+- F: receive the activation of stage s-1 (unless s = 0), run the chunk (the model's own pieces, as
+  its description names them: the input stage on stage 0, this chunk's blocks with the micro-batch's
+  side inputs, the output stage on the last), send the output to stage s+1, or on the last stage
+  compute the micro-batch's loss.
 - B: receive the output gradient from stage s+1 (unless last), back-propagate, send the input
   gradient to stage s-1.
 - I / W (zero bubble): I back-propagates to the input only (graph kept) and sends the input
   gradient; W later back-propagates from the gradients I kept at the weights' own nodes to the
   parameters only (``zero_bubble.py``), so the two together cost one backward.
 
-Transfers are ``isend``/``irecv`` over the default group with a tag per (direction, receiving
-stage), so messages of different kinds never match each other (gloo honours tags). Receives are
+Transfers are ``isend``/``irecv`` between global ranks with a tag per (direction, receiving
+stage), so messages of different kinds never match each other (gloo honours tags). Activations and
+gradients travel in the parameters' dtype (a stage's output under autocast is cast on sending), in
+the shape (micro-batch, sequence / sequence shards, hidden) that each rank knows from its own copy
+of the micro-batch. Side inputs (a padding mask, positions) never travel: every stage holds the
+micro-batch's inputs and builds them there. Receives are
 posted one action ahead and block only when their data is needed. A sent tensor is held only until
 the schedule proves it received (``transfers.py``), and a sent stage output keeps only its autograd
 graph: its data goes with the transfer (Megatron-LM's ``deallocate_output_tensor``). A micro-batch's
@@ -30,15 +36,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .schedules import Action, Schedule, place
-from .transfers import ACT, GRAD, Message, SendTracker, sender, step_plan
+from ...models.description import ModelDescription, batch_shape, stage_modules
+from .schedules import ACT, GRAD, Action, Message, Schedule, place, sender
+from .transfers import SendTracker, step_plan
 from .zero_bubble import input_grad
 
 
 @dataclass(frozen=True)
 class Chunk:
     stage: int
-    blocks: tuple[str, ...]  # keys of the model's ``blocks`` ModuleDict
+    blocks: tuple[str, ...]  # keys of the model's blocks ModuleDict (their global indices)
     first: bool
     last: bool
 
@@ -55,8 +62,8 @@ class _Live:
 class StepContext:
     """What one step's actions share: the micro-batches and how to run them."""
 
-    micro: list  # [(tokens, targets)], this dp rank's micro-batches
-    loss_fn: Callable  # (logits, targets) -> mean loss of the micro-batch
+    micro: list  # [(inputs, targets)], this dp rank's micro-batches
+    loss_fn: Callable  # (outputs, targets) -> mean loss of the micro-batch
     autocast: Callable = contextlib.nullcontext
     no_sync: Callable = contextlib.nullcontext  # data parallel's accumulation context
     meter: object = None  # ActivationMeter, on the steps that measure
@@ -73,14 +80,18 @@ class StepContext:
 class PipelineParallel:
     """Executes schedules on this rank's chunks of ``model`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, chunks: list[Chunk], schedule: Schedule, pp: int, pp_rank: int,
-                 stage_rank: Callable[[int], int], act_shape: tuple[int, ...], dtype: torch.dtype):
-        self.model, self.chunks, self.schedule, self.pp, self.pp_rank = model, chunks, schedule, pp, pp_rank
-        self.stage_rank = stage_rank  # global stage -> global rank of this (dp, tp) pipeline
-        self.act_shape, self.dtype = act_shape, dtype  # (micro_batch, seq, hidden) between stages
-        self.num_stages = pp * len(chunks)
-        self.device = next(model.parameters()).device
-        self.stage_sizes: list[int] = []  # blocks per global stage (set by apply_pipeline)
+    def __init__(self, model: nn.Module, desc: ModelDescription, chunks: list[Chunk], schedule: Schedule, group,
+                 *, seq_shards: int = 1, stage_sizes: tuple[int, ...] = ()):
+        self.model, self.desc, self.chunks, self.schedule = model, desc, chunks, schedule
+        self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
+        self._global = [dist.get_global_rank(group, r) for r in range(self.pp)]
+        self.seq_shards = seq_shards  # sequence parallel: stages exchange 1/tp of the sequence
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device  # what travels between stages
+        self.num_stages = self.pp * len(chunks)
+        self.stage_sizes = stage_sizes  # blocks per global stage, for reports
+        self.blocks = getattr(model, desc.blocks)  # a ModuleDict of this rank's blocks
+        self._micro: list = []  # the running step's micro-batches (receive shapes come from them)
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
         self._sends: list = []  # sends outside a training step (forward only), waited at its end
@@ -101,12 +112,16 @@ class PipelineParallel:
     # the order, so the sender's data can flow as soon as it is sent. Outside a training step
     # (forward only: one kind of message per direction, in micro-batch order) transfers go as they come.
 
+    def stage_rank(self, stage: int) -> int:
+        """The global rank that holds ``stage`` in this pipeline."""
+        return self._global[stage % self.pp]
+
     def _tag(self, msg: Message) -> int:
         return 0 if self.match_by_order else msg[0] * self.num_stages + msg[1]
 
-    def _post_recv(self, msg: Message, rows: int | None = None) -> tuple:
-        shape = (rows or self.act_shape[0], *self.act_shape[1:])
-        buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+    def _post_recv(self, msg: Message) -> tuple:
+        b, s = batch_shape(self._micro[msg[2]][0])  # (B, S, H/.., with S split under sequence parallel)
+        buf = torch.empty((b, s // self.seq_shards, self.desc.hidden), dtype=self.dtype, device=self.device)
         return dist.irecv(buf, self.stage_rank(sender(msg)), tag=self._tag(msg)), buf
 
     def _advance(self, peer: int, upto: tuple[bool, Message]) -> bool:
@@ -130,7 +145,7 @@ class PipelineParallel:
         raise RuntimeError(f"pipeline: transfer {upto} is not in the agreed order with pipeline rank {peer}")
 
     def _send(self, t: torch.Tensor, msg: Message) -> None:
-        t = t.detach().contiguous()
+        t = t.detach().to(self.dtype).contiguous()
         if self.sends is None:  # forward only
             self._sends.append((dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg)), t))
             return
@@ -142,10 +157,10 @@ class PipelineParallel:
             self._next[peer] += 1
         self.sends.sent(work, t, msg)
 
-    def _recv(self, msg: Message, rows: int | None = None) -> torch.Tensor:
+    def _recv(self, msg: Message) -> torch.Tensor:
         """The message, posted early (``_prefetch``) or now; blocks until it is here."""
         if self.sends is None:  # forward only
-            work, buf = self._post_recv(msg, rows)
+            work, buf = self._post_recv(msg)
         else:
             if not self._advance(place(sender(msg), self.pp)[0], (False, msg)):
                 raise RuntimeError(f"pipeline: receive {msg} would be posted before a send the peer expects first")
@@ -169,20 +184,23 @@ class PipelineParallel:
 
     # ---------------------------------------------------------------- compute
 
-    def run_chunk(self, chunk: Chunk, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
+    def run_chunk(self, chunk: Chunk, x: torch.Tensor | None, inputs) -> torch.Tensor:
+        """The chunk's part of the model's own forward: the input stage (first stage; ``x`` is
+        unused), the chunk's blocks with the side inputs, the output stage (last stage)."""
+        m, d = self.model, self.desc
+        side = d.side_inputs(m, inputs)
         if chunk.first:
-            x = m.embed(x)  # tokens (b, S) -> (b, S, H)
+            x = d.embed(m, inputs)  # (b, S, H)
         for key in chunk.blocks:
-            x = m.blocks[key](x)
-        return m.head(x) if chunk.last else x  # logits (b, S, V[/tp]) on the last stage
+            x = self.blocks[key](x, **side)
+        return d.head(m, x) if chunk.last else x  # outputs (b, S, V[/tp]) on the last stage
 
     def _forward(self, a: Action, ctx: StepContext) -> None:
         chunk = self.chunks[a.chunk]
         x, y = ctx.micro[a.mb]
         inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, a.mb)).requires_grad_()
         with ctx.measure(a), ctx.autocast():
-            out = self.run_chunk(chunk, x if inp is None else inp)
+            out = self.run_chunk(chunk, inp, x)
             if chunk.last:
                 loss = ctx.loss_fn(out, y)
                 ctx.total += loss.detach()
@@ -192,12 +210,12 @@ class PipelineParallel:
             _drop_data(out)
         self._live[(a.mb, a.chunk)] = _Live(inp=inp, out=out)
 
-    def _out_grad(self, chunk: Chunk, mb: int) -> torch.Tensor | None:
-        return None if chunk.last else self._recv((GRAD, chunk.stage, mb))
+    def _out_grad(self, chunk: Chunk, mb: int, out: torch.Tensor) -> torch.Tensor | None:
+        return None if chunk.last else self._recv((GRAD, chunk.stage, mb)).to(out.dtype)
 
     def _backward(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live.pop((a.mb, a.chunk))
-        grad = self._out_grad(chunk, a.mb)
+        grad = self._out_grad(chunk, a.mb, live.out)
         torch.autograd.backward(live.out, grad)
         if live.inp is not None:
             self._send(live.inp.grad, (GRAD, chunk.stage - 1, a.mb))
@@ -205,7 +223,7 @@ class PipelineParallel:
 
     def _input_grad(self, a: Action, ctx: StepContext) -> None:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
-        live.grad = self._out_grad(chunk, a.mb)
+        live.grad = self._out_grad(chunk, a.mb, live.out)
         if live.inp is not None:
             g, live.weight_grad = input_grad(live.out, live.grad, live.inp, self._chunk_params(a.chunk))
             live.grad = None  # W needs only what input_grad kept
@@ -220,13 +238,12 @@ class PipelineParallel:
         ctx.release(a)
 
     def chunk_modules(self, c: int) -> list[nn.Module]:
-        """The modules of this rank's chunk ``c``: its blocks, plus the embedding on the first
-        stage and the final norm and output layer on the last."""
-        chunk, m = self.chunks[c], self.model
-        mods = [m.blocks[k] for k in chunk.blocks]
-        mods += [m.tok_emb, m.pos_emb] if chunk.first else []
-        mods += [m.norm, m.lm_head] if chunk.last else []
-        return [mod for mod in mods if mod is not None]
+        """The modules of this rank's chunk ``c``: its blocks, plus the input stage's on the first
+        stage and the output stage's on the last."""
+        chunk = self.chunks[c]
+        mods = [self.blocks[k] for k in chunk.blocks]
+        mods += stage_modules(self.desc, self.model, "input") if chunk.first else []
+        return mods + (stage_modules(self.desc, self.model, "output") if chunk.last else [])
 
     def _chunk_params(self, c: int) -> list[nn.Parameter]:
         return [p for mod in self.chunk_modules(c) for p in mod.parameters() if p.requires_grad]
@@ -236,7 +253,7 @@ class PipelineParallel:
     def train_step(self, ctx: StepContext) -> torch.Tensor:
         """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
         plan = step_plan(self.schedule, self.pp, len(ctx.micro), len(self.chunks), self.pp_rank)
-        self.sends, self._orders = SendTracker(plan, self.pp), plan.orders
+        self.sends, self._orders, self._micro = SendTracker(plan, self.pp), plan.orders, ctx.micro
         self._next = dict.fromkeys(self._orders, 0)
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for i, a in enumerate(plan.actions):
@@ -249,23 +266,25 @@ class PipelineParallel:
             if self.trace is not None:
                 self.trace.append((a, self._mark, time.perf_counter()))
         self.sends.finish()
-        self.sends, self.last_sends = None, self.sends
+        self.sends, self.last_sends, self._micro = None, self.sends, []
         return ctx.total / len(ctx.micro)
 
     @torch.no_grad()
     def forward_only(self, ctx: StepContext) -> list[torch.Tensor]:
         """Forward, micro-batch by micro-batch through every chunk; the last stage's outputs."""
         outs = []
-        for x, _ in ctx.micro:
+        for x, y in ctx.micro:
+            self._micro = [(x, y)]  # every message of this micro-batch is number 0
             for chunk in self.chunks:
-                inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, 0), len(x))
+                inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, 0))
                 with ctx.autocast():
-                    out = self.run_chunk(chunk, x if inp is None else inp)
+                    out = self.run_chunk(chunk, inp, x)
                 if chunk.last:
                     outs.append(out)
                 else:
                     self._send(out, (ACT, chunk.stage + 1, 0))
         self._wait_sends()
+        self._micro = []
         return outs
 
 

@@ -6,11 +6,12 @@ local model chunk; rank ``r``'s chunk ``c`` is global stage ``c * pp + r`` (the 
 assignment of Narayanan et al. 2021, which is the plain one when ``v = 1``).
 
 Ops: ``F`` forward; ``B`` whole backward; ``I`` backward for the input gradient only and ``W`` for
-the weight gradient only (zero bubble, Qi et al. 2024). Transfers are implied: a forward on stage
-s > 0 receives the activation of stage s-1, a backward (B or I) on stage s < last receives the
-gradient of stage s+1, and each sends its result on.
+the weight gradient only (zero bubble, Qi et al. 2024). What an action waits for and what it sends
+is stated once, here (``needs``, ``awaited``, ``message``): the runtime posts and sends by it, the
+simulator times by it, and the transfer order agreed between ranks is derived from it.
 
-New schedules plug in by adding a function to ``SCHEDULES``.
+New schedules plug in by adding a function to ``SCHEDULES``; its name is then a valid
+``parallel.schedule``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Action(NamedTuple):
     chunk: int = 0
 
     def __str__(self) -> str:
-        return f"{self.op}{self.mb}" + (f".{self.chunk}" if self.chunk else "")
+        """``F3``; a later chunk is a letter: ``B3b`` is the backward of micro-batch 3, chunk 1."""
+        return f"{self.op}{self.mb}" + (chr(ord("a") + self.chunk) if self.chunk else "")
 
 
 def stage_of(rank: int, chunk: int, pp: int) -> int:
@@ -36,6 +38,52 @@ def stage_of(rank: int, chunk: int, pp: int) -> int:
 def place(stage: int, pp: int) -> tuple[int, int]:
     """Global stage -> (rank, chunk)."""
     return stage % pp, stage // pp
+
+
+# --------------------------------------------------------------------------- what actions depend on
+
+ACT, GRAD = 0, 1  # transfer kinds: activation to stage s+1, input gradient to stage s-1
+Message = tuple[int, int, int]  # (kind, receiving stage, micro-batch)
+Result = tuple[str, int, int]  # what an action leaves behind: ("F" | "G" | "W", micro-batch, stage)
+
+
+def message(a: Action, stage: int, last: int) -> Message | None:
+    """What action ``a`` on ``stage`` sends: a forward its output to the next stage, a backward
+    (B, or I) the input gradient to the previous one."""
+    if a.op == "F" and stage < last:
+        return ACT, stage + 1, a.mb
+    if a.op in ("B", "I") and stage > 0:
+        return GRAD, stage - 1, a.mb
+    return None
+
+
+def awaited(a: Action, stage: int, last: int) -> Message | None:
+    """What action ``a`` on ``stage`` receives: the mirror of ``message``."""
+    if a.op == "F" and stage > 0:
+        return ACT, stage, a.mb
+    if a.op in ("B", "I") and stage < last:
+        return GRAD, stage, a.mb
+    return None
+
+
+def sender(msg: Message) -> int:
+    """The stage a message comes from."""
+    kind, at, _ = msg
+    return at - 1 if kind == ACT else at + 1
+
+
+def result(a: Action, stage: int) -> Result:
+    """What ``a`` produces: an output (F), an input gradient (B or I: "G"), weight gradients (W)."""
+    return {"F": "F", "B": "G", "I": "G", "W": "W"}[a.op], a.mb, stage
+
+
+def needs(a: Action, stage: int, last: int) -> list[Result]:
+    """The results ``a`` waits for: its own stage's forward (a backward) or input gradient (W), and
+    the result of another stage that ``awaited`` brings."""
+    local = [("F", a.mb, stage)] if a.op in ("B", "I") else [("G", a.mb, stage)] if a.op == "W" else []
+    msg = awaited(a, stage, last)
+    remote = [("F" if msg[0] == ACT else "G", a.mb, sender(msg))] if msg is not None else []
+    return remote + local
 
 
 def gpipe(pp: int, m: int, v: int, rank: int) -> list[Action]:

@@ -1,8 +1,8 @@
 """Run action lists against per-action costs: makespan, idle time, in-flight micro-batches.
 
 The same lists the runtime executes (``schedules.py``). Each rank runs its actions in order; an
-action starts when the rank is free and its inputs have arrived (the previous stage's forward, the
-next stage's input gradient, plus a transfer cost). The validator is this simulation at unit cost
+action starts when the rank is free and what it ``needs`` has been produced (the previous stage's
+forward, the next stage's input gradient, plus a transfer cost). The validator is this simulation at unit cost
 plus checks that every action appears exactly once where it belongs.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schedules import Action, place, stage_of
+from .schedules import Action, needs, place, result, stage_of
 
 
 class ScheduleError(ValueError):
@@ -77,19 +77,6 @@ class Timeline:
                 "idle": self.idle(), "peak_inflight": self.peak_inflight()}
 
 
-def _needs(a: Action, stage: int, last: int) -> list[tuple]:
-    """Keys of the results action ``a`` on ``stage`` waits for; keys are (kind, mb, stage)."""
-    if a.op == "F":
-        return [("F", a.mb, stage - 1)] if stage > 0 else []
-    if a.op == "W":
-        return [("G", a.mb, stage)]
-    return [("F", a.mb, stage)] + ([("G", a.mb, stage + 1)] if stage < last else [])
-
-
-def _produces(a: Action) -> str:
-    return {"F": "F", "B": "G", "I": "G", "W": "W"}[a.op]
-
-
 def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = None,
              durations: dict[tuple[int, Action], float] | None = None) -> Timeline:
     """List-schedule every rank's actions in their order; raise ScheduleError on a deadlock.
@@ -112,14 +99,14 @@ def simulate(actions: list[list[Action]], costs: Costs | list[Costs] | None = No
             while pos[r] < len(actions[r]):
                 a = actions[r][pos[r]]
                 stage = stage_of(r, a.chunk, pp)
-                needs = _needs(a, stage, last)
-                if any(k not in done for k in needs):
+                wanted = needs(a, stage, last)
+                if any(k not in done for k in wanted):
                     break
                 c = per_stage[stage] if per_stage else costs
-                remote = [done[k] + (c.comm if k[2] != stage else 0.0) for k in needs]
+                remote = [done[k] + (c.comm if k[2] != stage else 0.0) for k in wanted]
                 start = max([free[r], *remote])
                 free[r] = start + durations.get((r, a), c.of(a.op))
-                done[(_produces(a), a.mb, stage)] = free[r]
+                done[result(a, stage)] = free[r]
                 timeline.events.append(Event(r, a, stage, start, free[r]))
                 pos[r] += 1
                 moved = True

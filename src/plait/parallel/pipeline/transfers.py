@@ -29,35 +29,8 @@ from functools import cache
 
 import torch
 
-from .schedules import Action, Schedule, place, stage_of
+from .schedules import ACT, Action, Message, Schedule, awaited, message, place, sender, stage_of
 from .simulate import simulate
-
-ACT, GRAD = 0, 1  # transfer kinds: activation to stage s+1, input gradient to stage s-1
-Message = tuple[int, int, int]  # (kind, receiving stage, micro-batch)
-
-
-def message(a: Action, stage: int, last: int) -> Message | None:
-    """What action ``a`` on ``stage`` sends, if anything."""
-    if a.op == "F" and stage < last:
-        return ACT, stage + 1, a.mb
-    if a.op in ("B", "I") and stage > 0:
-        return GRAD, stage - 1, a.mb
-    return None
-
-
-def awaited(a: Action, stage: int, last: int) -> Message | None:
-    """What action ``a`` on ``stage`` waits for, if anything."""
-    if a.op == "F" and stage > 0:
-        return ACT, stage, a.mb
-    if a.op in ("B", "I") and stage < last:
-        return GRAD, stage, a.mb
-    return None
-
-
-def sender(msg: Message) -> int:
-    """The stage a message comes from."""
-    kind, at, _ = msg
-    return at - 1 if kind == ACT else at + 1
 
 
 def pair_orders(actions: list[list[Action]], rank: int) -> dict[int, list[tuple[bool, Message]]]:

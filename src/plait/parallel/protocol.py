@@ -1,0 +1,88 @@
+"""The contract of a data-parallel strand: what ``parallelize`` and ``ParallelModel`` ask of it.
+
+Plain data parallel (``data.py``), ZeRO-1/2 (``zero.py``) and ZeRO-3 (``zero3.py``) implement it;
+a parameter server and DiLoCo are the next two. Each is built on the local model (after tensor and
+pipeline parallel have split it) and the dp group, and owns everything that travels over dp.
+
+One optimizer step, as ``ParallelModel`` drives it::
+
+    begin_step()      before the first backward (ZeRO-2 allocates its full gradient buckets,
+                      ZeRO-3 gathers what it keeps gathered for the whole step)
+    forward/backward  of each micro-batch; all but the last inside ``no_sync()``, where a strand
+                      may only accumulate locally
+    finish()          after the last backward: every gradient in ``segments`` is final (the mean
+                      over dp); tensor parallel then sums sequence-parallel partial gradients and
+                      pipeline parallel a tied weight's two copies (``tied_grad``), on those tensors
+    optimizer.step()  over ``param_groups()``: what this rank updates (ZeRO: its slices)
+    after_step()      ZeRO-1/2 all-gather the updated parameters
+    zero_grad()
+
+``segments`` pairs each tensor the optimizer steps with the model parameter it belongs to: the
+parameter itself under plain data parallel, a flat slice of it under ZeRO (``flat.py``). Clipping,
+weight decay and the sums over tp and the pipeline's tied copies all work on those segments, so
+they need no knowledge of how a strand shards.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class DataParallelStrand(abc.ABC):
+    """A data-parallel strand (see the module docstring for the order of calls)."""
+
+    shards_grads: bool = False  # each dp rank holds a slice of every gradient: norms sum over dp
+    segments: list[tuple[torch.Tensor, nn.Parameter]]  # (what the optimizer steps, its model parameter)
+
+    @abc.abstractmethod
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """A context for accumulation micro-steps: backward inside it sends nothing over dp."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """After the step's last backward: wait until every gradient in ``segments`` is final."""
+
+    @abc.abstractmethod
+    def zero_grad(self) -> None:
+        """Zero the gradients for the next step, in place (never ``optimizer.zero_grad()``)."""
+
+    @abc.abstractmethod
+    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The gradient of ``param`` as the optimizer will read it, for a sum over the pipeline's
+        tied copies (ZeRO: the slice of the parameter built with ``isolate``)."""
+
+    @abc.abstractmethod
+    def param_bytes(self) -> int:
+        """Parameter bytes held now (ZeRO-3: the slices, plus any unit gathered now)."""
+
+    @abc.abstractmethod
+    def grad_bytes(self) -> int:
+        """Gradient bytes held now."""
+
+    def steady_grad_bytes(self) -> int:
+        """Gradient bytes held between steps."""
+        return self.grad_bytes()
+
+    def begin_step(self) -> None:  # noqa: B027 - a step with nothing to prepare is the common case
+        """Before the step's first backward."""
+
+    def after_step(self) -> None:  # noqa: B027
+        """After the optimizer step."""
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """The whole local model readable (ZeRO-3 gathers its parameters; others hold them)."""
+        yield
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups over ``segments``: weight decay on the segments of matrices (two
+        or more dimensions), none on norms and biases (a flat slice has lost its shape, so the
+        decision follows the model parameter)."""
+        decay = [seg for seg, src in self.segments if src.dim() >= 2]
+        other = [seg for seg, src in self.segments if src.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
