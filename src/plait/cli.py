@@ -133,7 +133,7 @@ def out_dir(arg: str | None, check: bool = True) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .launch import run_in_process, run_local
+    from .launch import run_in_process, run_local, threads_per_process
     from .train.data import load_corpus
     from .train.trainer import RunOptions, train_worker, write_config
 
@@ -153,8 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_config(cfg, out)
     if _torchrun():
         result = run_in_process(train_worker, (cfg, opts))
-    else:
-        result = run_local(train_worker, nproc, (cfg, opts))[0]
+    else:  # each process its share of the cores
+        result = run_local(train_worker, nproc, (cfg, opts), threads=threads_per_process(nproc))[0]
     if result is not None:
         _report(result)
     return 0

@@ -325,6 +325,18 @@ def _validate_builder(m: ModelConfig) -> None:
         _positive(f"model.{key}", getattr(m, key))
 
 
+def resolve_layout(p: ParallelConfig, nproc: int) -> ParallelConfig:
+    """A layout on its own (a user's training loop): dp filled in for ``nproc`` processes, then
+    every rule that does not depend on the model checked."""
+    if p.dp == 0 and p.tp > 0 and p.pp > 0 and nproc % (p.tp * p.pp) == 0:
+        p = replace(p, dp=nproc // (p.tp * p.pp))
+    _validate_parallel(p, nproc)
+    if p.virtual_stages > 1 and p.schedule != "interleaved":
+        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
+                          f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
+    return p
+
+
 def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
     for key in ("tp", "pp", "virtual_stages"):
         _positive(f"parallel.{key}", getattr(p, key))

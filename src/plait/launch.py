@@ -7,6 +7,10 @@ function and sends its return value back over a pipe. If any worker fails or die
 are stopped within seconds and no process is left behind (workers also die with the parent).
 
 Under ``torchrun`` (:func:`under_torchrun`), the same function runs in the current process.
+
+Threads: each local process gets its share of the cores (``threads_per_process``); a set
+``OMP_NUM_THREADS`` (torchrun sets one) wins. Verify, bench and tests pass ``threads=1`` where they
+compare, so that every side runs alike.
 """
 
 from __future__ import annotations
@@ -45,8 +49,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads_per_process(nproc: int) -> int:
+    """Intra-op threads for each of ``nproc`` local processes: ``OMP_NUM_THREADS`` where it is
+    set, else this machine's usable cores divided among them (at least 1)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, nproc))
+
+
 def run_in_process(fn: Callable, args: tuple, collective_timeout_s: float = 600.0):
-    """Join the torchrun-provided process group, run ``fn(*args)``, leave the group."""
+    """Join the torchrun-provided process group, run ``fn(*args)``, leave the group. Threads:
+    torchrun's ``OMP_NUM_THREADS``, or the cores shared among the node's processes."""
+    import torch
+
+    torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     comm.init_distributed(comm.pick_device(), collective_timeout_s)
     try:
         return fn(*args)
@@ -63,7 +81,8 @@ def run_local(
     collective_timeout_s: float = 600.0,
     threads: int = 1,
 ) -> list:
-    """Run ``fn(*args)`` on ``nproc`` forked ranks; return the per-rank results in rank order.
+    """Run ``fn(*args)`` on ``nproc`` forked ranks with ``threads`` intra-op threads each; return
+    the per-rank results in rank order.
 
     Raises :class:`PlaitError` if a worker raised one (a user error), :class:`WorkerFailed` if a
     worker crashed or died or ``timeout_s`` passed; in both cases every worker is stopped first.
