@@ -41,3 +41,22 @@ def tiny_config(corpus: Path, *overrides: str, nproc: int = 1) -> C.RunConfig:
 def tiny_args(corpus: Path) -> list[str]:
     """The same tiny run as command-line flags."""
     return [a for s in TINY for a in ("--set", s)] + ["--data", str(corpus)]
+
+
+_REFERENCES: dict = {}  # reference config -> its one-process run, shared by every test that needs it
+
+
+def verify_layout(base: C.RunConfig, layout: str, tol: float = 1e-9) -> dict:
+    """``layout`` ("dp=2,zero=1") trained and compared with the one-process run of ``base``, which
+    is computed once per base config and shared by every test."""
+    from plait.verify import check_layout, parse_layouts, reference_config, run_reference
+
+    key = reference_config(base)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = run_reference(base)
+    return check_layout(base, parse_layouts(layout)[0], _REFERENCES[key], tol)
+
+
+def layout_id(layout: str) -> str:
+    """A pytest id that ``-k`` can select: "dp=2,zero=3" -> "dp2-zero3"."""
+    return layout.replace("=", "").replace(",", "-").replace(":", "_")

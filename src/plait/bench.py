@@ -96,7 +96,7 @@ def _summary(cfg: RunConfig, times: dict, baseline: str, params: int) -> dict | 
         "ours_tokens_per_s": round(ours, 1), "torch_tokens_per_s": round(theirs, 1),
         "ratio": round(ours / theirs, 4), "baseline": baseline,
         "layout": f"dp={p.dp},tp={p.tp},pp={p.pp}" + (",sequence_parallel=true" if p.sequence_parallel else ""),
-        "flavour": cfg.model.flavour, "params": params, "steps_measured": len(times["ours"]),
+        "flavour": cfg.model.builder or cfg.model.flavour, "params": params, "steps_measured": len(times["ours"]),
         "ours_step_s": [round(t, 4) for t in times["ours"]], "torch_step_s": [round(t, 4) for t in times["torch"]],
     }
 

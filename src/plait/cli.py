@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--tol", type=float, help="tolerance (default: 1e-9 in float64, 1e-4 otherwise)")
     verify.add_argument("--json", action="store_true", help="print a JSON list")
     sched = sub.add_parser("schedule", help="draw a pipeline schedule and its bubble (simulated)")
-    sched.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(C.schedule_names())}")
+    sched.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(C.SCHEDULES)}")
     sched.add_argument("--pp", type=int, default=4, help="pipeline stages (ranks)")
     sched.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
     sched.add_argument("--virtual", type=int, default=1, help="chunks per rank (interleaved)")

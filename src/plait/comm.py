@@ -1,6 +1,6 @@
 """Process-group start-up and the collectives plait uses; gloo's gaps are handled here only.
 
-Known gloo facts (DESIGN.md): all_reduce, broadcast, reduce and scatter give silently wrong
+Known gloo facts (measured; docs/architecture.md): all_reduce, broadcast, reduce and scatter give silently wrong
 results on non-contiguous views, so every collective here works on a contiguous tensor and
 copies back when it had to make one.
 """

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -277,13 +278,6 @@ def validate(cfg: RunConfig, nproc: int) -> None:
         raise ConfigError(f"checkpoint.{bad[0]}", bad[1], "every >= 0 and keep >= 1")
 
 
-def schedule_names() -> tuple[str, ...]:
-    """The pipeline schedules there are: the keys of the pipeline's registry (a pure module)."""
-    from .parallel.pipeline.schedules import SCHEDULES
-
-    return tuple(SCHEDULES)
-
-
 def microbatches(cfg: RunConfig) -> int:
     """Micro-batches per step on each dp rank: global_batch / (dp x micro_batch)."""
     return cfg.train.global_batch // (max(cfg.parallel.dp, 1) * cfg.train.micro_batch)
@@ -331,9 +325,6 @@ def resolve_layout(p: ParallelConfig, nproc: int) -> ParallelConfig:
     if p.dp == 0 and p.tp > 0 and p.pp > 0 and nproc % (p.tp * p.pp) == 0:
         p = replace(p, dp=nproc // (p.tp * p.pp))
     _validate_parallel(p, nproc)
-    if p.virtual_stages > 1 and p.schedule != "interleaved":
-        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
-                          f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
     return p
 
 
@@ -344,8 +335,8 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
         raise ConfigError("parallel.dp", p.dp, "must be positive (or 0 for auto)")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", p.zero, "must be one of 0, 1, 2, 3")
-    if p.schedule not in schedule_names():
-        raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(schedule_names())}")
+    if p.schedule not in SCHEDULES:
+        raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(SCHEDULES)}")
     if p.dp * p.tp * p.pp != nproc:
         dp = p.dp or "auto"
         raise ConfigError(
@@ -354,6 +345,9 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
         )
     if p.zero and p.dp == 1:
         raise ConfigError("parallel.zero", p.zero, "shards over data parallel: needs dp > 1 (dp is 1); use zero=0")
+    if p.virtual_stages > 1 and not SCHEDULES[p.schedule].interleaved:
+        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
+                          f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
 
 
 def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
@@ -376,14 +370,11 @@ def _validate_pipeline(cfg: RunConfig) -> None:
     if m.layers < stages and not m.builder:  # a user's model: its blocks are counted when it is split
         raise ConfigError("model.layers", m.layers, f"must be at least pp x virtual_stages = {p.pp} x "
                           f"{p.virtual_stages} = {stages} (one block per stage)")
-    if p.virtual_stages > 1 and p.schedule != "interleaved":
-        raise ConfigError("parallel.virtual_stages", p.virtual_stages,
-                          f"only the interleaved schedule uses virtual stages (schedule is {p.schedule}); use 1")
     micro = microbatches(cfg)
     if p.microbatches and p.microbatches != micro:
         raise ConfigError("parallel.microbatches", p.microbatches,
                           f"must equal global_batch / (dp x micro_batch) = {micro} (or 0 for that)")
-    if p.pp > 1 and p.schedule == "interleaved" and micro % p.pp:
+    if p.pp > 1 and SCHEDULES[p.schedule].interleaved and micro % p.pp:
         raise ConfigError("parallel.microbatches", micro, f"the interleaved schedule needs a multiple of pp={p.pp} "
                           "micro-batches per step (global_batch / (dp x micro_batch))")
     if p.stage_layers and (len(p.stage_layers) != stages or min(p.stage_layers) < 1

@@ -29,7 +29,7 @@ LAYOUT_SECTIONS = ("parallel", "train")
 
 def schedule_variants() -> list[str]:
     """Every schedule of the pipeline's registry, interleaved ones with two virtual stages."""
-    from .parallel.pipeline.schedules import SCHEDULES
+    from .schedules import SCHEDULES
 
     return [f"schedule={name}" + (",virtual_stages=2" if s.interleaved else "") for name, s in SCHEDULES.items()]
 
@@ -116,21 +116,35 @@ def runnable(base: C.RunConfig, layouts: list[dict]) -> list[dict]:
     return keep
 
 
+def reference_config(base: C.RunConfig) -> C.RunConfig:
+    """The one-process layout that every layout of ``base`` is compared with."""
+    return layout_config(base, {"parallel": {"dp": "1", "tp": "1", "pp": "1", "zero": "0"}})[0]
+
+
+def run_reference(base: C.RunConfig) -> TrainResult:
+    return _run(reference_config(base), 1)
+
+
+def check_layout(base: C.RunConfig, layout: dict, ref: TrainResult, tol: float) -> dict:
+    """Train ``layout`` and compare it with the reference run ``ref``: one result row."""
+    cfg, nproc = layout_config(base, layout)
+    loss, param = compare(ref, _run(cfg, nproc))
+    return {"layout": layout_name(layout), "nproc": nproc, "steps": cfg.train.steps, "dtype": cfg.train.dtype,
+            "max_loss_rel_diff": loss, "max_param_rel_diff": param, "ok": bool(loss <= tol and param <= tol)}
+
+
 def run_verify(base: C.RunConfig, layouts: list[dict], tol: float, progress: bool = True) -> list[dict]:
     """Run the reference once and every layout; one result row per layout."""
-    configs = [layout_config(base, layout) for layout in layouts]  # all validated before any run
-    ref_cfg, _ = layout_config(base, {"parallel": {"dp": "1", "tp": "1", "pp": "1", "zero": "0"}})
+    for layout in layouts:  # all validated before any run
+        layout_config(base, layout)
     load_corpus(base.data, base.model.seq_len, progress=progress)
-    ref = _run(ref_cfg, 1)
+    ref = run_reference(base)
     rows = []
-    for layout, (cfg, nproc) in zip(layouts, configs):
-        loss, param = compare(ref, _run(cfg, nproc))
-        rows.append({"layout": layout_name(layout), "nproc": nproc, "steps": cfg.train.steps,
-                     "dtype": cfg.train.dtype, "max_loss_rel_diff": loss, "max_param_rel_diff": param,
-                     "ok": bool(loss <= tol and param <= tol)})
+    for layout in layouts:
+        rows.append(check_layout(base, layout, ref, tol))
         if progress:
-            log.info("%-28s loss %.2e  params %.2e  %s", rows[-1]["layout"], loss, param,
-                     "ok" if rows[-1]["ok"] else "FAIL")
+            log.info("%-28s loss %.2e  params %.2e  %s", rows[-1]["layout"], rows[-1]["max_loss_rel_diff"],
+                     rows[-1]["max_param_rel_diff"], "ok" if rows[-1]["ok"] else "FAIL")
     return rows
 
 

@@ -10,7 +10,7 @@ from plait.models import build_model
 from plait.parallel.data import DataParallel
 from plait.train.data import Sampler, load_corpus
 from plait.verify import compare, layout_config, run_verify
-from tests.conftest import tiny_config
+from tests.conftest import layout_id, tiny_config, verify_layout
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -45,14 +45,12 @@ def test_gradients_equal_one_process(corpus_file, dp, micro, bucket_mb):
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-@pytest.mark.parametrize("layouts", ["dp=2", "dp=2,micro_batch=1", "dp=4,micro_batch=1"])
-def test_verify_matches_one_process(corpus_file, flavour, layouts):
+@pytest.mark.parametrize("layout", ["dp=2", "dp=2,micro_batch=1", "dp=4,micro_batch=1"], ids=layout_id)
+def test_verify_matches_one_process(corpus_file, layout, flavour):
     base = tiny_config(corpus_file, f"model.flavour={flavour}", "train.dtype=float64", "train.steps=5",
                        "model.kv_heads=2")
-    from plait.verify import parse_layouts
-
-    rows = run_verify(base, parse_layouts(layouts), tol=1e-9, progress=False)
-    assert all(r["ok"] for r in rows), rows
+    row = verify_layout(base, layout)
+    assert row["ok"], row
 
 
 def _no_all_reduce(self, bucket):

@@ -2,35 +2,34 @@
 
 import pytest
 
-from plait.verify import parse_layouts, run_verify
-from tests.conftest import tiny_config
+from tests.conftest import layout_id, tiny_config, verify_layout
 
 pytestmark = pytest.mark.timeout(300)
 
-LAYOUTS = [
-    "pp=2,schedule=gpipe", "pp=2,schedule=1f1b", "pp=4,schedule=1f1b",
-    "pp=2,schedule=interleaved,virtual_stages=2", "pp=2,schedule=zb",
-    "pp=2,dp=2", "pp=2,tp=2",
-]
+LAYOUTS = {  # layout -> processes
+    "pp=2,schedule=gpipe": 2, "pp=2,schedule=1f1b": 2, "pp=4,schedule=1f1b": 4,
+    "pp=2,schedule=interleaved,virtual_stages=2": 2, "pp=2,schedule=zb": 2,
+    "pp=2,dp=2": 4, "pp=2,tp=2": 4,
+}
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-def test_schedules_and_compositions_match_one_process(corpus_file, flavour):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_schedules_and_compositions_match_one_process(corpus_file, layout, flavour):
     base = tiny_config(corpus_file, f"model.flavour={flavour}", "model.layers=4", "train.dtype=float64",
                        "train.steps=3")
-    rows = run_verify(base, parse_layouts(";".join(LAYOUTS)), tol=1e-9, progress=False)
-    assert [r["nproc"] for r in rows] == [2, 2, 4, 2, 2, 4, 4]
-    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    row = verify_layout(base, layout)
+    assert row["nproc"] == LAYOUTS[layout] and row["ok"], row
 
 
 @pytest.mark.parametrize("layout", [
     "pp=2,stage_layers=1:3", "pp=2,dp=2,schedule=interleaved,virtual_stages=2,micro_batch=2",
     "pp=2,tp=2,sequence_parallel=true,schedule=zb", "pp=2,micro_batch=1,schedule=interleaved,virtual_stages=2",
-])
+], ids=layout_id)
 def test_more_pipeline_layouts(corpus_file, layout):
     base = tiny_config(corpus_file, "model.layers=4", "train.dtype=float64", "train.steps=3", "model.vocab=257")
-    rows = run_verify(base, parse_layouts(layout), tol=1e-9, progress=False)
-    assert rows[0]["ok"], rows
+    row = verify_layout(base, layout)
+    assert row["ok"], row
 
 
 def _trainer(cfg):
@@ -88,3 +87,54 @@ def test_transfers_match_by_order_alone_as_on_nccl(corpus_file, layout):
     by_order = run_local(_losses, n, (cfg, True), timeout_s=240)[0]
     assert by_order == by_tag, (by_order, by_tag)
     assert all(loss > 1 for loss, _ in by_tag)
+
+
+def _zeros_for_gradients(send):
+    def patched(self, t, msg):
+        from plait.schedules import GRAD
+
+        return send(self, t.detach() * 0 if msg[0] == GRAD else t, msg)
+    return patched
+
+
+@pytest.mark.parametrize("mutation", ["input gradient not sent", "tied embedding not summed"])
+def test_verify_catches_a_broken_pipeline_transfer(corpus_file, monkeypatch, mutation):
+    """The pipeline layouts are not equal to one process by accident: a stage that sends zeros
+    instead of its input gradient, or a tied embedding whose two copies' gradients are not summed
+    over the first and last stage, is caught by a wide margin."""
+    from plait.parallel import hybrid
+    from plait.parallel.pipeline.runtime import PipelineParallel
+    from plait.verify import parse_layouts, run_verify
+
+    if mutation == "input gradient not sent":
+        monkeypatch.setattr(PipelineParallel, "_send", _zeros_for_gradients(PipelineParallel._send))
+    else:
+        monkeypatch.setattr(hybrid, "tied_copy", lambda desc, module: None)
+    base = tiny_config(corpus_file, "model.flavour=gpt2", "model.layers=4", "train.dtype=float64", "train.steps=3")
+    row = run_verify(base, parse_layouts("pp=2"), tol=1e-9, progress=False)[0]
+    assert not row["ok"]
+    assert max(row["max_loss_rel_diff"], row["max_param_rel_diff"]) > 1e-4, row
+
+
+def _logits_under_autocast(cfg):
+    import torch
+
+    trainer = _trainer(cfg)
+    tokens = torch.randint(0, 256, (1, cfg.model.seq_len))
+    with trainer._autocast():
+        logits = trainer.pm.full_logits(tokens)
+    return logits, trainer.pm.holds_loss
+
+
+def test_sampling_through_a_pipeline_under_bf16_autocast(corpus_file):
+    """The last stage computes the logits under autocast (bf16); every stage receives them in one
+    agreed dtype, so sampling through a pipeline works under bf16 as in float32."""
+    import torch
+
+    from plait.launch import run_local
+
+    cfg = tiny_config(corpus_file, "model.layers=4", "parallel.pp=2", "train.dtype=bfloat16", nproc=2)
+    (first, held0), (last, held1) = run_local(_logits_under_autocast, 2, (cfg,), timeout_s=120)
+    assert not held0 and held1
+    assert first.dtype == last.dtype == torch.float32 and first.shape == (1, 16, 256)
+    assert torch.equal(first, last) and torch.isfinite(first).all()

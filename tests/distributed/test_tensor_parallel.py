@@ -12,7 +12,7 @@ from plait.parallel.tensor import RNGTracker
 from plait.topology import Topology, build_groups
 from plait.train.trainer import RunOptions, train_worker
 from plait.verify import compare, layout_config, parse_layouts, run_verify
-from tests.conftest import tiny_config
+from tests.conftest import layout_id, tiny_config, verify_layout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,24 +56,25 @@ def _tp_runs(cfg, nproc):
     return run_local(train_worker, nproc, (cfg, opts))[0]
 
 
-LAYOUTS = ["tp=2", "tp=2,sequence_parallel=true", "dp=2,tp=2", "tp=4,sequence_parallel=true"]
+LAYOUTS = {"tp=2": 2, "tp=2,sequence_parallel=true": 2, "dp=2,tp=2": 4, "tp=4,sequence_parallel=true": 4}
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 @pytest.mark.parametrize("vocab", [256, 257])
-def test_verify_matches_one_process(corpus_file, flavour, vocab):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_verify_matches_one_process(corpus_file, layout, flavour, vocab):
     base = tiny_config(corpus_file, f"model.flavour={flavour}", f"model.vocab={vocab}", "train.dtype=float64",
                        "train.steps=4")
-    rows = run_verify(base, parse_layouts(";".join(LAYOUTS)), tol=1e-9, progress=False)
-    assert [r["nproc"] for r in rows] == [2, 2, 4, 4]
-    assert all(r["ok"] for r in rows), rows
+    row = verify_layout(base, layout)
+    assert row["nproc"] == LAYOUTS[layout] and row["ok"], row
 
 
-def test_grouped_query_attention_split(corpus_file):
+@pytest.mark.parametrize("layout", ["tp=2", "tp=2,sequence_parallel=true"], ids=layout_id)
+def test_grouped_query_attention_split(corpus_file, layout):
     base = tiny_config(corpus_file, "model.flavour=llama", "model.kv_heads=2", "train.dtype=float64",
                        "train.steps=4")
-    rows = run_verify(base, parse_layouts("tp=2;tp=2,sequence_parallel=true"), tol=1e-9, progress=False)
-    assert all(r["ok"] for r in rows), rows
+    row = verify_layout(base, layout)
+    assert row["ok"], row
 
 
 def test_clipped_grad_norm_counts_each_parameter_once(corpus_file):
@@ -124,28 +125,44 @@ def test_loss_path_never_holds_the_full_vocabulary(corpus_file, tp):
 
 
 def _dropout_streams(cfg):
+    """One forward in training mode. Every tp rank is given the same local attention weights, so
+    its local heads compute the same scores: the attention output (before the row-parallel
+    projection) can then differ between ranks only through the dropout on those heads."""
     from plait.parallel.hybrid import parallelize
 
     groups = build_groups(Topology(tp=cfg.parallel.tp), "cpu")
     torch.manual_seed(cfg.train.seed)
     pm = parallelize(*build(cfg.model), groups, cfg.parallel, seed=cfg.train.seed)
-    seen = []
+    attn = pm.module.blocks[0].attn
+    with torch.no_grad():
+        for proj in (attn.wq, attn.wk, attn.wv):
+            proj.weight.copy_(torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(3)))
+    heads, blocks = [], []
+    attn.wo.register_forward_pre_hook(lambda _m, args: heads.append(args[0].detach()))
     for block in pm.module.blocks:
-        block.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
+        block.register_forward_hook(lambda _m, _a, out: blocks.append(out.detach()))
     torch.manual_seed(5)  # the default stream, alike on every tp rank
     pm.module(torch.randint(0, 256, (2, cfg.model.seq_len)))
-    tracker = RNGTracker(7 + dist.get_rank(), torch.device("cpu"))
-    with tracker.fork():
-        tracked = torch.rand(4)
-    return [h.sum().item() for h in seen], torch.rand(4), tracked
+    return heads[0], [h.sum().item() for h in blocks], torch.rand(4)
 
 
 def test_dropout_agrees_where_it_must_and_differs_where_it_must(corpus_file):
     cfg = tiny_config(corpus_file, "parallel.tp=2", "model.dropout=0.2", nproc=2)
-    (h0, d0, t0), (h1, d1, t1) = run_local(_dropout_streams, 2, (cfg,))
+    (heads0, h0, d0), (heads1, h1, d1) = run_local(_dropout_streams, 2, (cfg,))
+    assert not torch.allclose(heads0, heads1)  # each rank's heads drop on its own stream (the tracker)
     assert h0 == pytest.approx(h1, rel=1e-6)  # replicated activations stay identical over tp
-    assert torch.equal(d0, d1)  # the default stream is untouched by the tracked one
-    assert not torch.equal(t0, t1)  # the tracked stream differs per tp rank
+    assert torch.equal(d0, d1)  # the default stream moved alike on every rank
+
+
+def test_tracked_stream_differs_per_rank_and_leaves_the_default_alone():
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    draws = []
+    for rank in range(2):
+        with RNGTracker(7 + rank, torch.device("cpu")).fork():
+            draws.append(torch.rand(4))
+    assert not torch.equal(*draws)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_dropout_under_sequence_parallel_trains(corpus_file):
@@ -153,3 +170,20 @@ def test_dropout_under_sequence_parallel_trains(corpus_file):
                       "train.steps=6", nproc=2)
     losses = run_local(train_worker, 2, (cfg, RunOptions(progress=False)))[0].losses
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def _identity(x, group):
+    return x
+
+
+@pytest.mark.parametrize("collective", ["copy_to_tp", "reduce_from_tp", "reduce_scatter_seq"])
+def test_verify_catches_a_missing_tensor_parallel_collective(corpus_file, monkeypatch, collective):
+    """The tp layouts are not equal to one process by accident: removing f's backward all-reduce,
+    g's forward all-reduce or sequence parallel's reduce-scatter is caught by a wide margin."""
+    monkeypatch.setattr(comm, collective, _identity if collective != "reduce_scatter_seq"
+                        else lambda x, g: comm.split_dim(x, g, 1))  # keeps the shapes, drops the sum
+    base = tiny_config(corpus_file, "train.dtype=float64", "train.steps=3")
+    layout = "tp=2,sequence_parallel=true" if collective == "reduce_scatter_seq" else "tp=2"
+    row = run_verify(base, parse_layouts(layout), tol=1e-9, progress=False)[0]
+    assert not row["ok"]
+    assert max(row["max_loss_rel_diff"], row["max_param_rel_diff"]) > 1e-4, row

@@ -7,27 +7,29 @@ import pytest
 from plait.launch import run_local
 from plait.models import build_model, num_params
 from plait.train.trainer import RunOptions, train_worker
-from plait.verify import layout_config, parse_layouts, run_verify
-from tests.conftest import tiny_config
+from plait.verify import layout_config, parse_layouts
+from tests.conftest import layout_id, tiny_config, verify_layout
 
 pytestmark = pytest.mark.timeout(300)
 
+LAYOUTS = ["dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=2,micro_batch=1", "dp=4,zero=1,micro_batch=1",
+           "dp=2,tp=2,zero=2", "dp=2,zero=3", "dp=2,zero=3,micro_batch=1", "dp=4,zero=3,micro_batch=1",
+           "dp=2,tp=2,zero=3", "dp=2,tp=2,zero=1,sequence_parallel=true",
+           "dp=2,tp=2,zero=2,sequence_parallel=true", "dp=2,tp=2,zero=3,sequence_parallel=true",
+           "dp=2,pp=2,zero=1", "dp=2,pp=2,zero=2", "dp=2,pp=2,zero=3", "dp=2,pp=2,zero=3,schedule=zb"]
+
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
-def test_zero_layouts_match_one_process(corpus_file, flavour):
-    layouts = ["dp=2,zero=1", "dp=2,zero=2", "dp=2,zero=2,micro_batch=1", "dp=4,zero=1,micro_batch=1",
-               "dp=2,tp=2,zero=2", "dp=2,zero=3", "dp=2,zero=3,micro_batch=1", "dp=4,zero=3,micro_batch=1",
-               "dp=2,tp=2,zero=3", "dp=2,tp=2,zero=1,sequence_parallel=true",
-               "dp=2,tp=2,zero=2,sequence_parallel=true", "dp=2,tp=2,zero=3,sequence_parallel=true"]
-    layouts += ["dp=2,pp=2,zero=1", "dp=2,pp=2,zero=2", "dp=2,pp=2,zero=3", "dp=2,pp=2,zero=3,schedule=zb"]
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_zero_layouts_match_one_process(corpus_file, layout, flavour):
     base = tiny_config(corpus_file, f"model.flavour={flavour}", "model.layers=4", "train.dtype=float64",
                        "train.steps=3", "model.vocab=257")
-    rows = run_verify(base, parse_layouts(";".join(layouts)), tol=1e-9, progress=False)
-    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    row = verify_layout(base, layout)
+    assert row["ok"], row
 
 
 def _formula(zero: int, dp: int, psi: int) -> float:
-    """fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per parameter (REFERENCE.md)."""
+    """fp32 AdamW: 4 bytes of parameter, 4 of gradient, 8 of moments per parameter (docs/formulas.md)."""
     return {0: 16 * psi, 1: 8 * psi + 8 * psi / dp, 2: 4 * psi + 12 * psi / dp, 3: 16 * psi / dp}[zero]
 
 
@@ -77,5 +79,5 @@ def test_dry_run_agrees_with_a_real_run(corpus_file, tmp_path, layout):
 def test_eight_processes_dp_tp_pp(corpus_file, zero):
     """The 3-D layout of the standard matrix: dp=2 x tp=2 x pp=2 on 8 processes."""
     base = tiny_config(corpus_file, "model.layers=4", "train.dtype=float64", "train.steps=2")
-    rows = run_verify(base, parse_layouts(f"dp=2,tp=2,pp=2,zero={zero}"), tol=1e-9, progress=False)
-    assert rows[0]["nproc"] == 8 and rows[0]["ok"], rows
+    row = verify_layout(base, f"dp=2,tp=2,pp=2,zero={zero}")
+    assert row["nproc"] == 8 and row["ok"], row

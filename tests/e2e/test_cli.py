@@ -296,3 +296,89 @@ def test_dry_run_prints_per_rank_breakdown_and_trains_nothing(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert "zero=1" in lines[0] and "params MB" in lines[1] and len(lines) == 3 + 4
     assert not out.exists()
+
+
+@pytest.mark.parametrize("nproc, omp", [(1, None), (2, None), (1, "1")])
+def test_each_local_process_gets_its_share_of_the_cores(corpus_file, tmp_path, nproc, omp):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | ({"OMP_NUM_THREADS": omp} if omp else {})
+    r = subprocess.run([*PLAIT, "train", *tiny_args(corpus_file), "--nproc", str(nproc), "--out", str(tmp_path / "r"),
+                        "--steps", "1", "--sample", "0", "--no-progress"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    cores = len(os.sched_getaffinity(0))
+    want = int(omp) if omp else max(1, cores // nproc)
+    assert f"({want} threads a process)" in r.stderr, r.stderr
+
+
+BAD_BUILDER = '''
+import torch
+from torch import nn
+from plait import ModelDescription, TensorParallelPlan
+
+
+class Model(nn.Module):
+    def __init__(self, vocab, width, wide_block):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, 2 * width if wide_block else width)])
+        self.out = nn.Linear(2 * width if wide_block else width, vocab, bias=False)
+
+    def embed(self, tokens):
+        return self.emb(tokens)
+
+    def head(self, h):
+        return self.out(h)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def build(cfg, wide_block=False, **kw):
+    model = Model(cfg.vocab, cfg.hidden, wide_block)
+    plan = {"emb": "vocab_embedding", "layers.*": "column", "out": "vocab_head"}
+    desc = dict(embed=Model.embed, blocks="layers", head=Model.head, hidden=cfg.hidden, input_modules=("emb",),
+                output_modules=("out",), tp=TensorParallelPlan(plan))
+    return model, ModelDescription(**{**desc, **kw})
+
+
+def wide(cfg):
+    return build(cfg, wide_block=True)
+
+
+def unmatched(cfg):
+    return build(cfg, tp=TensorParallelPlan({"layers.*.proj": "column"}))
+
+
+def heads(cfg):
+    return build(cfg, tp=TensorParallelPlan({"layers.*": "column"}, divisible={"heads": 3}))
+
+
+def nothing(cfg):
+    return "not a model"
+'''
+
+
+@pytest.mark.parametrize("function, layout, part", [
+    ("wide", "tp=2", "model description blocks[1]=(1, 16, 64): a block must map hidden (1, 16, 32) to the same shape"),
+    ("unmatched", "dp=2", "model description tp.styles['layers.*.proj']='column': the pattern matches no module"),
+    ("heads", "tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
+    ("nothing", "dp=2", "must return (nn.Module, ModelDescription)"),
+    ("missing", "dp=2", "defines no function 'missing'"),
+])
+def test_a_wrong_description_stops_with_one_line(corpus_file, tmp_path, function, layout, part):
+    (tmp_path / "mine.py").write_text(BAD_BUILDER)
+    r = plait("verify", *tiny_args(corpus_file), "--set", f"model.builder={tmp_path / 'mine.py'}:{function}",
+              "--layouts", layout, "--steps", "1")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and "tokenising" not in line]
+    assert len(lines) == 1 and part in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, fragment", [("examples/own_model.py", "expected FILE.py:FUNCTION"),
+                                             ("no/such/file.py:build", "no such file")])
+def test_a_bad_builder_key_is_one_line(value, fragment):
+    r = plait("train", "--set", f"model.builder={value}", "--steps", "1")
+    assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -1,10 +1,10 @@
-"""Pipeline schedules and their simulator against the formulas (REFERENCE.md)."""
+"""Pipeline schedules and their simulator against the formulas (docs/formulas.md)."""
 
 import pytest
 
 from plait.parallel.pipeline.report import compare
-from plait.parallel.pipeline.schedules import SCHEDULES, Action, get
 from plait.parallel.pipeline.simulate import Costs, ScheduleError, simulate, validate
+from plait.schedules import SCHEDULES, Action, get
 
 GRID = [(pp, m) for pp in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
 
@@ -147,8 +147,8 @@ ALL = [("gpipe", pp, m, 1) for pp, m in GRID] + [("1f1b", pp, m, 1) for pp, m in
 def test_both_ranks_of_a_pair_agree_on_the_order_and_can_keep_it(name, pp, m, v):
     """What NCCL needs: one order per pair, the same on both sides, in which a rank never has to
     post a receive before a send of its own that an earlier-or-same action has not made."""
-    from plait.parallel.pipeline.schedules import message, sender, stage_of
     from plait.parallel.pipeline.transfers import pair_orders
+    from plait.schedules import message, place, sender, stage_of
 
     acts = SCHEDULES[name].actions(pp, m, v)
     last = pp * v - 1
@@ -162,7 +162,7 @@ def test_both_ranks_of_a_pair_agree_on_the_order_and_can_keep_it(name, pp, m, v)
             msg = message(act, stage_of(r, act.chunk, pp), last)
             if msg is not None:
                 made[msg] = i
-        for order in orders[r].values():
+        for peer, order in orders[r].items():
             sends_so_far = []
             for out, msg in order:
                 if out:
@@ -173,4 +173,6 @@ def test_both_ranks_of_a_pair_agree_on_the_order_and_can_keep_it(name, pp, m, v)
                     want = next(i for i, a in enumerate(acts[r]) if stage_of(r, a.chunk, pp) == at
                                 and a.mb == mb and a.op in (("F",) if kind == 0 else ("B", "I")))
                     assert all(s < want for s in sends_so_far), (msg, sends_so_far, want)
-                    assert sender(msg) != at
+                    # and the peer's own action list does send this message
+                    peer_sends = {message(x, stage_of(peer, x.chunk, pp), last) for x in acts[peer]}
+                    assert msg in peer_sends and place(sender(msg), pp)[0] == peer, (msg, peer)

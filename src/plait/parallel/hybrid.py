@@ -231,8 +231,10 @@ class ParallelModel:
     def stages(self) -> list[tuple[int, list[nn.Module], Callable]]:
         """This rank's pipeline stages as (global stage, its modules, its forward), for another
         pipeline runtime to drive (``plait bench pp`` races torch's schedules on them). The first
-        stage's forward takes the model's inputs, the others the hidden states; side inputs are
-        not passed (models that have them run only under plait's own runtime)."""
+        stage's forward takes the model's inputs, the others only the hidden states: their side
+        inputs are built from token ids of zeros in the hidden states' (batch, sequence) shape,
+        exact for side inputs that depend on positions alone (rotary tables), not for a padding
+        mask."""
         pipe = self.pipeline
         return [(c.stage, pipe.chunk_modules(i), functools.partial(_stage_forward, pipe, c))
                 for i, c in enumerate(pipe.chunks)]
@@ -265,7 +267,9 @@ class _Key:
 
 
 def _stage_forward(pipe: PipelineParallel, chunk, x):
-    return pipe.run_chunk(chunk, None if chunk.first else x, x if chunk.first else None)
+    if chunk.first:
+        return pipe.run_chunk(chunk, None, x)
+    return pipe.run_chunk(chunk, x, torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
 
 
 def _local_param(module: nn.Module, name: str) -> nn.Parameter | None:

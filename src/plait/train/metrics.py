@@ -1,7 +1,7 @@
 """What a run reports: metrics.jsonl, TensorBoard events, a progress bar (rank 0), memory counts.
 
 Memory is accounted by counting tensor bytes (parameters, gradients, optimizer states, saved
-activations): on CPU the process RSS hides savings behind the allocator's caches (DESIGN.md).
+activations): on CPU the process RSS hides savings behind the allocator's caches (docs/architecture.md).
 On CUDA the allocator's own peak is reported.
 """
 

@@ -149,9 +149,9 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     trainer = Trainer(cfg, corpus, device, groups)
     lead = groups.rank == 0
     if lead and opts.out:
-        log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s; %d steps",
+        log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s (%d threads a process); %d steps",
                  cfg.model.builder or cfg.model.flavour, trainer.model_params / 1e6, cfg.parallel.dp,
-                 cfg.parallel.tp, cfg.parallel.pp, device.type, cfg.train.steps)
+                 cfg.parallel.tp, cfg.parallel.pp, device.type, torch.get_num_threads(), cfg.train.steps)
     pipe = trainer.pm.pipeline_summary()
     if lead and opts.out and pipe is not None:
         log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe["schedule"],

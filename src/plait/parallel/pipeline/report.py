@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ... import schedules
 from ...errors import ConfigError
-from . import schedules
 from .simulate import Costs, Timeline, simulate, validate
 
 
@@ -44,7 +44,7 @@ def grid(tl: Timeline) -> str:
 
 def measured(traces: list[list[tuple]]) -> Timeline:
     """A Timeline from each rank's recorded (action, start, end), times from one host's clock."""
-    from .schedules import stage_of
+    from ...schedules import stage_of
     from .simulate import Event
 
     pp = len(traces)
@@ -70,7 +70,7 @@ def transfer_latency(tl: Timeline) -> float:
     that was waiting for it (its own rank was free earlier)."""
     from statistics import mean
 
-    from .schedules import needs, result
+    from ...schedules import needs, result
 
     last = max(e.stage for e in tl.events)
     done = {result(e.action, e.stage): e.end for e in tl.events}

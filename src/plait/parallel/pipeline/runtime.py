@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...models.description import ModelDescription, batch_shape, stage_modules
-from .schedules import ACT, GRAD, Action, Message, Schedule, place, sender
+from ...schedules import ACT, GRAD, Action, Message, Schedule, place, sender
 from .transfers import SendTracker, step_plan
 from .zero_bubble import input_grad
 

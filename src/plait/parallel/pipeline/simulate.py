@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schedules import Action, needs, place, result, stage_of
+from ...schedules import Action, needs, place, result, stage_of
 
 
 class ScheduleError(ValueError):

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ... import comm
+from ... import comm, schedules
 from ...errors import ConfigError
 from ...models.description import ModelDescription, get_module, parameter_costs, set_module
-from . import schedules
 from .partition import balanced_split, blocks_of_stages
 from .runtime import Chunk, PipelineParallel
 

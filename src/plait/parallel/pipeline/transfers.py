@@ -29,7 +29,7 @@ from functools import cache
 
 import torch
 
-from .schedules import ACT, Action, Message, Schedule, awaited, message, place, sender, stage_of
+from ...schedules import ACT, Action, Message, Schedule, awaited, message, place, sender, stage_of
 from .simulate import simulate
 
 
