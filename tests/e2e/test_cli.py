@@ -307,7 +307,7 @@ def test_each_local_process_gets_its_share_of_the_cores(corpus_file, tmp_path, n
     assert r.returncode == 0, r.stderr
     cores = len(os.sched_getaffinity(0))
     want = int(omp) if omp else max(1, cores // nproc)
-    assert f"({want} threads a process)" in r.stderr, r.stderr
+    assert f"({want} thread{'s' if want > 1 else ''} a process)" in r.stderr, r.stderr
 
 
 BAD_BUILDER = '''
@@ -361,14 +361,18 @@ def nothing(cfg):
 '''
 
 
-@pytest.mark.parametrize("function, layout, part", [
-    ("wide", "tp=2", "model description blocks[1]=(1, 16, 64): a block must map hidden (1, 16, 32) to the same shape"),
-    ("unmatched", "dp=2", "model description tp.styles['layers.*.proj']='column': the pattern matches no module"),
-    ("heads", "tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
-    ("nothing", "dp=2", "must return (nn.Module, ModelDescription)"),
-    ("missing", "dp=2", "defines no function 'missing'"),
-])
-def test_a_wrong_description_stops_with_one_line(corpus_file, tmp_path, function, layout, part):
+WRONG = {  # builder function -> (layout, the one line expected)
+    "wide": ("tp=2", "model description blocks[1]=(1, 16, 64): a block must map hidden (1, 16, 32) to the same shape"),
+    "unmatched": ("dp=2", "model description tp.styles['layers.*.proj']='column': the pattern matches no module"),
+    "heads": ("tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
+    "nothing": ("dp=2", "must return (nn.Module, ModelDescription)"),
+    "missing": ("dp=2", "defines no function 'missing'"),
+}
+
+
+@pytest.mark.parametrize("function", WRONG)
+def test_a_wrong_description_stops_with_one_line(corpus_file, tmp_path, function):
+    layout, part = WRONG[function]
     (tmp_path / "mine.py").write_text(BAD_BUILDER)
     r = plait("verify", *tiny_args(corpus_file), "--set", f"model.builder={tmp_path / 'mine.py'}:{function}",
               "--layouts", layout, "--steps", "1")

@@ -7,6 +7,7 @@ its ``ModelDescription``).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def load_builder(spec: str):
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError("model.builder", spec, f"no such file {path}; give a Python file and a function in it")
-    module_name = f"plait_builder_{abs(hash(str(file.resolve())))}"
+    module_name = "plait_builder_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
     module = sys.modules.get(module_name)
     if module is None:
         loader = importlib.util.spec_from_file_location(module_name, file)

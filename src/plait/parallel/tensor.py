@@ -289,7 +289,10 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
         if value % tp:
             raise DescriptionError(f"tp.divisible[{fact!r}]", value, f"must be divisible by parallel.tp={tp}")
     tied = list(tied_parameters(desc, model))
-    vocab = _vocab_of(model, desc)
+    vocab, has_head = _vocab_of(model, desc)
+    if sequence_parallel and not has_head:  # nothing would gather the sequence before the loss
+        raise DescriptionError("tp.styles", "no vocab_head", "sequence parallel needs the output layer styled "
+                               "vocab_head, which gathers the sequence before the outputs")
     padded = -(-vocab // tp) * tp if vocab else 0
     ctx = _Styling(group, tp, rank, sequence_parallel, padded)
     for name, module in list(model.named_modules()):
@@ -306,22 +309,24 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
         partial = frozenset(n for n, _ in model.named_parameters()
                             if n not in ctx.sharded and owner(n) in ("block", "output"))
     _track_random(model, desc, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
-    return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if padded else 0,
-                          rank * padded // tp if padded else 0, padded)
+    return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if has_head else 0,
+                          rank * padded // tp if has_head else 0, padded)
 
 
-def _vocab_of(model: nn.Module, desc: ModelDescription) -> int:
-    """Rows of the vocabulary-split layers (0 if there are none); they must agree."""
-    sizes = set()
+def _vocab_of(model: nn.Module, desc: ModelDescription) -> tuple[int, bool]:
+    """Rows of the vocabulary-split layers (0 if there are none; they must agree), and whether
+    the output layer is one of them (then the loss is vocabulary-parallel)."""
+    sizes, head = set(), False
     for name, module in model.named_modules():
         style = desc.tp.style_of(name)
         if style == "vocab_embedding":
             sizes.add(module.num_embeddings)
         elif style == "vocab_head":
             sizes.add(module.out_features)
+            head = True
     if len(sizes) > 1:
         raise DescriptionError("tp.styles", sorted(sizes), "vocab_embedding and vocab_head must have one vocabulary")
-    return sizes.pop() if sizes else 0
+    return (sizes.pop() if sizes else 0), head
 
 
 @dataclass

@@ -149,9 +149,10 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     trainer = Trainer(cfg, corpus, device, groups)
     lead = groups.rank == 0
     if lead and opts.out:
-        log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s (%d threads a process); %d steps",
+        threads = torch.get_num_threads()
+        log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s (%d thread%s a process); %d steps",
                  cfg.model.builder or cfg.model.flavour, trainer.model_params / 1e6, cfg.parallel.dp,
-                 cfg.parallel.tp, cfg.parallel.pp, device.type, torch.get_num_threads(), cfg.train.steps)
+                 cfg.parallel.tp, cfg.parallel.pp, device.type, threads, "s" if threads > 1 else "", cfg.train.steps)
     pipe = trainer.pm.pipeline_summary()
     if lead and opts.out and pipe is not None:
         log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe["schedule"],
