@@ -163,7 +163,8 @@ def train(args: argparse.Namespace) -> list[float]:
     torch.manual_seed(0)  # the same initial weights on every process
     model = TinyDecoder(vocab=256, width=args.width, depth=args.depth, n_heads=args.heads).to(dev)
     layout = plait.ParallelConfig(tp=args.tp, pp=args.pp, zero=args.zero)
-    pm = plait.parallelize(model, describe(model, args.heads), layout, seed=0)
+    sample = torch.zeros((1, args.seq), dtype=torch.long, device=dev)  # to check the description once
+    pm = plait.parallelize(model, describe(model, args.heads), layout, seed=0, sample=sample)
     optimizer = torch.optim.AdamW(pm.param_groups(weight_decay=0.1), lr=args.lr)
     data = torch.frombuffer(bytearray(Path(args.data).read_bytes()), dtype=torch.uint8)
     losses = []

@@ -18,6 +18,7 @@ _EXPORTS = {
     "parallelize": "plait.api", "launch": "plait.api", "device": "plait.api",
     "ParallelModel": "plait.parallel.hybrid", "ParallelConfig": "plait.config",
     "ModelDescription": "plait.models.description", "TensorParallelPlan": "plait.models.description",
+    "seed_for": "plait.seeds",
 }
 
 

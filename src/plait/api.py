@@ -49,7 +49,9 @@ def parallelize(model: nn.Module, description: ModelDescription, parallel: Paral
 
     ``seed`` seeds tensor parallel's per-rank dropout stream; ``tokens_per_step`` (tokens each dp
     rank trains on per step) balances pipeline stages by cost, else blocks are split evenly;
-    ``sample`` (one micro-batch's inputs) checks the description by running its pieces once."""
+    ``sample`` (one micro-batch's inputs) checks the description by running its pieces once.
+    With dropout, seed the default stream per rank after this call (it must differ over dp and
+    pp): ``torch.manual_seed(plait.seed_for(seed, "dropout", dp_rank=pm.dp_rank, pp_rank=pm.coord.pp_rank))``."""
     if not dist.is_initialized():
         raise PlaitError("plait.parallelize: no process group; start the script's function with "
                          "plait.launch(fn, nproc) or under torchrun")

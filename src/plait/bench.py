@@ -238,7 +238,7 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
         cls(stages[0], microbatches(cfg), loss_fn=_ce)
     opt = build_optimizer(split.module.parameters(), cfg.train)
     first, last = stages[0].is_first, stages[-1].is_last
-    theirs = Contender(split.module, opt, _ce, split.finish_grads,  # the same work after backward as ours
+    theirs = Contender(split.module, opt, _ce, split.sum_tied_grads,  # the same work after backward as ours
                        step=lambda micro: _torch_pipeline_step(schedule, first, last, micro))
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     result = _summary(cfg, times, f"torch.distributed.pipelining {name}", _model_params(cfg))

@@ -51,3 +51,26 @@ def test_a_loop_of_ones_own_equals_one_process(layout):
     got = run_local(_loop_losses, 2, (layout,), timeout_s=120)[0]
     assert ref[-1] < ref[0]
     assert got == pytest.approx(ref, rel=1e-9, abs=0)
+
+
+def _wrong_hidden():
+    import dataclasses
+
+    import torch
+
+    import plait
+
+    own = _example()
+    torch.manual_seed(0)
+    model = own.TinyDecoder(vocab=256, width=32, depth=2, n_heads=4)
+    desc = dataclasses.replace(own.describe(model, 4), hidden=48)  # wrong, and no sample to catch it early
+    pm = plait.parallelize(model, desc, plait.ParallelConfig(pp=2))
+    x = torch.randint(0, 256, (2, 16))
+    pm.train_step([(x[:1], x[:1]), (x[1:], x[1:])], torch.optim.SGD(pm.param_groups(0.0), lr=0.1))
+
+
+def test_a_wrong_hidden_stops_the_pipeline_with_one_line_not_a_hang():
+    from plait.errors import PlaitError
+
+    with pytest.raises(PlaitError, match=r"model description hidden=\(1, 16, 32\): a pipeline stage must pass"):
+        run_local(_wrong_hidden, 2, timeout_s=60, collective_timeout_s=30)

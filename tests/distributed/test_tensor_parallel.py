@@ -1,5 +1,7 @@
 """Tensor parallel against one process: collectives, layers, the loss path, RNG, whole runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -187,3 +189,41 @@ def test_verify_catches_a_missing_tensor_parallel_collective(corpus_file, monkey
     row = run_verify(base, parse_layouts(layout), tol=1e-9, progress=False)[0]
     assert not row["ok"]
     assert max(row["max_loss_rel_diff"], row["max_param_rel_diff"]) > 1e-4, row
+
+
+QK_NORM = Path(__file__).resolve().parents[1] / "models" / "qk_norm.py"
+
+
+@pytest.mark.parametrize("layout", ["tp=2", "tp=2,sequence_parallel=true", "dp=2,tp=2,zero=2"], ids=layout_id)
+def test_a_replicated_parameter_inside_a_region_is_summed_over_tp(corpus_file, layout):
+    """The head norm acts on this rank's heads only: its gradient is this rank's share, summed over tp."""
+    base = tiny_config(corpus_file, f"model.builder={QK_NORM}:build", "train.dtype=float64", "train.steps=3")
+    row = verify_layout(base, layout)
+    assert row["ok"], row
+
+
+def _losses_with_ignored_targets(tp: int):
+    from plait.parallel.tensor import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10, dtype=torch.float64)
+    target = torch.tensor([1, -100, 9, 3, -100, 0])
+    want = torch.nn.functional.cross_entropy(logits, target)  # ignore_index=-100
+    rank = dist.get_rank()
+    shard = logits.chunk(tp, dim=1)[rank].clone().requires_grad_()
+    from plait.parallel.tensor import TensorParallel
+
+    head = TensorParallel(None, dist.group.WORLD, tp, False, {}, vocab=10, vocab_start=rank * 10 // tp,
+                          padded_vocab=10)
+    got = head.loss(shard.unsqueeze(0), target.unsqueeze(0))
+    got.backward()
+    full = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(full, target).backward()
+    assert vocab_parallel_cross_entropy is not None
+    return float(got), float(want), torch.equal(shard.grad[[1, 4]], torch.zeros(2, 10 // tp, dtype=torch.float64)), \
+        float((shard.grad - full.grad.chunk(tp, dim=1)[rank]).abs().max())
+
+
+def test_vocabulary_parallel_loss_ignores_padding_targets_as_torch_does():
+    for got, want, ignored_zero, grad_err in run_local(_losses_with_ignored_targets, 2, (2,)):
+        assert got == pytest.approx(want, rel=1e-12) and ignored_zero and grad_err < 1e-14

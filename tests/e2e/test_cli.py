@@ -358,6 +358,18 @@ def heads(cfg):
 
 def nothing(cfg):
     return "not a model"
+
+
+def half_tied(cfg):
+    model, desc = build(cfg, tied=(("out.weight", "emb.weight"),), tp=TensorParallelPlan({"out": "vocab_head"}))
+    model.out.weight = model.emb.weight
+    return model, desc
+
+
+def odd(cfg):
+    model, desc = build(cfg, tp=TensorParallelPlan({"layers.*.0": "column", "layers.*.1": "row"}))
+    model.layers = nn.ModuleList([nn.Sequential(nn.Linear(cfg.hidden, 33), nn.Linear(33, cfg.hidden))])
+    return model, desc
 '''
 
 
@@ -367,6 +379,8 @@ WRONG = {  # builder function -> (layout, the one line expected)
     "heads": ("tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
     "nothing": ("dp=2", "must return (nn.Module, ModelDescription)"),
     "missing": ("dp=2", "defines no function 'missing'"),
+    "half_tied": ("tp=2", "model description tp.styles='emb.weight/out.weight': a tied pair must be styled"),
+    "odd": ("tp=2", "model description tp style of layers.0.0='column': out_features=33 must be divisible"),
 }
 
 

@@ -23,6 +23,9 @@ class Toy(nn.Module):
     def head(self, h):
         return self.out(h)
 
+    def forward(self, tokens):
+        return compose(describe(), self, tokens)
+
 
 def describe(**kw) -> ModelDescription:
     fields = {"embed": Toy.embed, "blocks": "layers", "head": Toy.head, "hidden": 8, "input_modules": ("emb",),
@@ -54,6 +57,47 @@ def test_a_wrong_description_names_the_part_and_the_reason(model, desc, part):
     with pytest.raises(DescriptionError, match=part) as e:
         check(desc, model, SAMPLE)
     assert str(e.value).startswith("model description ") and "\n" not in str(e.value)
+
+
+class Shared(Toy):
+    """The output layer reuses the embedding's weight; a bare parameter hangs on the model itself."""
+
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        self.out = nn.Linear(8, 16, bias=False)
+        self.out.weight = self.emb.weight
+        if bare:
+            self.scale = nn.Parameter(torch.ones(8))
+
+
+@pytest.mark.parametrize("model, desc, part", [
+    (Shared(), describe(), r"tied='emb.weight=out.weight': these names are one parameter: declare the pair"),
+    (Shared(), describe(tied=(("out.weight", "emb.weight"), ("out.weight", "emb.weight"))),
+     r"plait shares at most one parameter"),
+    (Toy(), describe(output_modules=("out", "emb")), r"output_modules='emb': is in input_modules too"),
+    (Shared(bare=True), describe(tied=(("out.weight", "emb.weight"),)),
+     r"parameters='scale': belongs to no piece: hold it in a submodule"),
+])
+def test_sharing_and_ownership_are_stated(model, desc, part):
+    with pytest.raises(DescriptionError, match=part):
+        check(desc, model, SAMPLE)
+
+
+def test_a_declared_tie_passes():
+    check(describe(tied=(("out.weight", "emb.weight"),)), Shared(), SAMPLE)
+
+
+def test_optimizer_zero_grad_is_caught_before_a_silent_wrong_step():
+    from plait.parallel.data import DataParallel
+
+    model = Toy()
+    strand = DataParallel(model, None)  # no process group: dp = 1
+    model(SAMPLE).sum().backward()
+    strand.finish()
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()  # set_to_none: detaches the bucket views
+    model(SAMPLE).sum().backward()
+    with pytest.raises(RuntimeError, match="zero them with the parallel model's zero_grad"):
+        strand.finish()
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])

@@ -5,11 +5,15 @@ A model that plait can split is three pieces run in order, each the model's own 
     outputs = head(model, blocks[n-1](... blocks[0](embed(model, inputs), **side) ..., **side))
 
 - the **input stage** ``embed(model, inputs) -> hidden (B, S, H)``, using ``input_modules``;
-- the **repeated blocks**, a ``ModuleList`` attribute (``blocks``), each hidden -> hidden; every
-  block may take **side inputs** (a padding mask, positions, rotary tables, token types) built by
-  ``side(model, inputs) -> dict`` and passed as keywords to every block;
+- the **repeated blocks**, a ``ModuleList`` attribute (``blocks``), each hidden -> hidden, the
+  hidden states as the first positional argument; every block may take **side inputs** (a padding
+  mask, positions, rotary tables, token types) built by ``side(model, inputs) -> dict`` and passed
+  as keywords to every block;
 - the **output stage** ``head(model, hidden) -> outputs`` (logits, or per-token outputs with their
   own ``loss``), using ``output_modules``.
+
+Every parameter belongs to one block or to a module of one stage; a parameter shared by two places
+is declared in ``tied`` (at most one pair: an input embedding reused by the output layer).
 
 Strands know a model only through this object: tensor parallel follows ``tp`` (module-name
 pattern -> style), pipeline parallel keeps a contiguous run of blocks plus the input stage (first
@@ -25,6 +29,11 @@ Tensor-parallel styles (Shoeybi et al. 2019; what travels is documented in ``par
   sequence all-gather), e.g. attention or the MLP around column and row layers;
 - ``vocab_embedding`` / ``vocab_head``: an ``nn.Embedding`` / bias-free ``nn.Linear`` split by
   vocabulary rows (padded to a multiple of tp); a ``vocab_head`` makes the loss vocabulary-parallel.
+
+A region's input is the hidden states as its first positional argument. Inside a region, a
+parameter that no style splits (a norm over this rank's heads) sees only this rank's share and
+its gradient is summed over tp. Under sequence parallel the hidden states between regions are split
+along the sequence while side inputs stay whole, so blocks may use side inputs only inside regions.
 
 Random numbers under tp: ``nn.Dropout`` modules inside a region work on this rank's shard and draw
 from a stream per tp rank; under sequence parallel so do the blocks' other dropouts (each rank holds
@@ -101,12 +110,15 @@ def compose(desc: ModelDescription, model: nn.Module, inputs: Any) -> Any:
     return desc.head(model, x)
 
 
+IGNORE = -100  # a target that takes no part in the loss (padding), as in torch's cross-entropy
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The default loss: cross-entropy of (B, S, V) logits against (B, S) targets, per token
-    (mean or sum); 16-bit logits are upcast first."""
+    (mean or sum over the targets that are not ``IGNORE``); 16-bit logits are upcast first."""
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction, ignore_index=IGNORE)
 
 
 def batch_shape(inputs: Any) -> tuple[int, int]:
@@ -121,6 +133,13 @@ def get_module(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+def get_parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter ``name`` (dotted), or None where its module is absent."""
+    module_name, _, attr = name.rpartition(".")
+    module = get_module(model, module_name)
+    return getattr(module, attr, None) if module is not None else None
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module | None) -> None:
@@ -138,15 +157,9 @@ def stage_modules(desc: ModelDescription, model: nn.Module, which: str) -> list[
 def tied_parameters(desc: ModelDescription, model: nn.Module) -> Iterator[tuple[str, str]]:
     """The pairs of ``desc.tied`` that are one parameter in this (whole) model."""
     for out_name, in_name in desc.tied:
-        a, b = _parameter(model, out_name), _parameter(model, in_name)
+        a, b = get_parameter(model, out_name), get_parameter(model, in_name)
         if a is not None and a is b:
             yield out_name, in_name
-
-
-def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
-    module_name, _, attr = name.rpartition(".")
-    module = get_module(model, module_name) if module_name else model
-    return getattr(module, attr, None) if module is not None else None
 
 
 def param_owner(desc: ModelDescription) -> Callable[[str], str | None]:
@@ -171,19 +184,38 @@ def check(desc: ModelDescription, model: nn.Module, sample: Any | None = None) -
         raise DescriptionError("blocks", desc.blocks, "must name a non-empty nn.ModuleList attribute of the model")
     for which, names in (("input_modules", desc.input_modules), ("output_modules", desc.output_modules)):
         for name in names:
-            if get_module(model, name) is None:
+            if get_module(model, name) is None or not name:
                 raise DescriptionError(which, name, "names no submodule of the model")
-    owner = param_owner(desc)
-    for name, _ in model.named_parameters():
-        if owner(name) is None:
-            raise DescriptionError("parameters", name, "belongs to no piece: list its module in input_modules "
-                                   "or output_modules, or move it into a block")
-    for out_name, in_name in desc.tied:
-        if _parameter(model, out_name) is None or _parameter(model, in_name) is None:
-            raise DescriptionError("tied", f"{out_name}={in_name}", "both names must be parameters of the model")
+    both = set(desc.input_modules) & set(desc.output_modules)
+    if both:
+        raise DescriptionError("output_modules", sorted(both)[0], "is in input_modules too: a module belongs to "
+                               "one stage (share a parameter through tied instead)")
+    _check_parameters(desc, model)
     _check_tp_plan(desc.tp, model)
     if sample is not None:
         _check_shapes(desc, model, sample)
+
+
+def _check_parameters(desc: ModelDescription, model: nn.Module) -> None:
+    """Every parameter belongs to one piece, and one shared by two names is the declared tie."""
+    owner = param_owner(desc)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        if owner(name) is None:
+            hint = ("hold it in a submodule and list that" if "." not in name else "list its module") + \
+                " in input_modules or output_modules, or move it into a block"
+            raise DescriptionError("parameters", name, f"belongs to no piece: {hint}")
+    if len(desc.tied) > 1:
+        raise DescriptionError("tied", desc.tied, "plait shares at most one parameter between the stages")
+    for out_name, in_name in desc.tied:
+        if get_parameter(model, out_name) is None or get_parameter(model, in_name) is None:
+            raise DescriptionError("tied", f"{out_name}={in_name}", "both names must be parameters of the model")
+    declared = {frozenset(pair) for pair in desc.tied}
+    for shared in (n for n in names.values() if len(n) > 1):
+        if frozenset(shared) not in declared:
+            raise DescriptionError("tied", "=".join(shared), "these names are one parameter: declare the pair "
+                                   "in tied as (output-stage name, input-stage name), or give each its own")
 
 
 def _check_tp_plan(plan: TensorParallelPlan, model: nn.Module) -> None:

@@ -120,6 +120,10 @@ class GradBuckets:
     def finish(self) -> None:
         """Launch what is left (buckets whose parameters took no part in this backward), wait for all."""
         for b in self.buckets:
+            g = b.params[0].grad
+            if g is None or g.untyped_storage().data_ptr() != b.buffer.untyped_storage().data_ptr():
+                raise RuntimeError("gradients are no longer views into plait's buckets (optimizer.zero_grad() "
+                                   "sets them to None): zero them with the parallel model's zero_grad()")
             b.ready = True
         self._launch_ready()
         for b in self.buckets:

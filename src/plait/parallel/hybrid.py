@@ -19,7 +19,8 @@ from torch import nn
 
 from .. import comm
 from ..config import ParallelConfig
-from ..models.description import ModelDescription, check, cross_entropy, get_module, tied_parameters
+from ..errors import DescriptionError
+from ..models.description import ModelDescription, check, cross_entropy, get_parameter, tied_parameters
 from ..seeds import seed_for
 from ..topology import Groups
 from .clip import ClipSets, NormGroups, clip_grad_norm
@@ -45,7 +46,7 @@ class ParallelModel:
     pipeline: PipelineParallel | None = None
     tied_split: bool = False  # a tied parameter split over the first and last pipeline stage
     _clip: tuple | None = field(default=None, repr=False)  # (ClipSets, NormGroups), built once
-    _sp_grads: list | None = field(default=None, repr=False)  # the sp partial gradients, found once
+    _partial_segs: list | None = field(default=None, repr=False)  # segments of tp-partial gradients, found once
 
     # ---------------------------------------------------------------- one training step
 
@@ -70,7 +71,9 @@ class ParallelModel:
 
     def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; gradients accumulate (scaled 1/len).
-        Returns the mean loss where this rank computes it (every rank, or the last stage), else 0."""
+        Returns the mean loss where this rank computes it (every rank, or the last stage), else 0.
+        What travels: activations and their gradients over pp (the schedule), tp's collectives
+        inside the model, and the data-parallel strand's over dp during the last backward."""
         self.data.begin_step()
         ctx = StepContext(micro, self.loss, autocast, self.data.no_sync, meter)
         if self.pipeline is not None:
@@ -87,24 +90,30 @@ class ParallelModel:
         return ctx.total / len(micro)
 
     def finish_grads(self) -> None:
-        """After the last backward: mean over dp, sp partial sums over tp, tied copies summed."""
+        """After the last backward: mean over dp, partial sums over tp, tied copies summed over the
+        first and last pipeline stage (``groups.embed``)."""
         self.data.finish()
-        if self.tp is not None and self.tp.sequence_parallel:
-            self.tp.finish_grads(self._sp_partial_grads())
+        if self.tp is not None and self.tp.partial:
+            self.tp.finish_grads(self._partial_grads())
+        self.sum_tied_grads()
+
+    def sum_tied_grads(self) -> None:
+        """All-reduce (sum) the tied parameter's gradient over the first and last pipeline stage
+        (``groups.embed``), so both copies take the same update (ZeRO: their slices line up)."""
         copy = tied_copy(self.desc, self.module) if self.tied_split else None
-        if copy is not None:  # the first or the last stage (ZeRO: the two stages' slices line up)
+        if copy is not None:  # the first or the last stage
             grad = self.data.tied_grad(copy)
             if grad is not None:
                 comm.all_reduce_(grad, self.groups.embed)
 
-    def _sp_partial_grads(self) -> list[torch.Tensor]:
-        """The gradients of the sequence-parallel partial-sum parameters as the optimizer holds
-        them: under ZeRO the full gradients are gone (or stale) after the dp reduction, so the sum
-        over tp is applied to the slices (sums over dp and tp commute)."""
-        if self._sp_grads is None:
-            wanted = {id(p) for n, p in self.module.named_parameters() if n in self.tp.sp_partial}
-            self._sp_grads = [seg for seg, src in self.data.segments if id(src) in wanted]
-        return [seg.grad for seg in self._sp_grads]
+    def _partial_grads(self) -> list[torch.Tensor]:
+        """The gradients of the tp-partial parameters as the optimizer holds them: under ZeRO the
+        full gradients are gone (or stale) after the dp reduction, so the sum over tp is applied to
+        the slices (sums over dp and tp commute)."""
+        if self._partial_segs is None:
+            wanted = {id(p) for n, p in self.module.named_parameters() if n in self.tp.partial}
+            self._partial_segs = [seg for seg, src in self.data.segments if id(src) in wanted]
+        return [seg.grad for seg in self._partial_segs]
 
     def clip_grads(self, max_norm: float) -> float:
         """Global-norm clip over what the optimizer steps (``clip.py``); returns the norm."""
@@ -116,7 +125,7 @@ class ParallelModel:
         """(tp-sharded, replicated, tied copy) among the optimizer's segments; fixed for the run."""
         sharded = self.tp.sharded if self.tp is not None else {}
         name = {id(p): n for n, p in self.module.named_parameters()}
-        copies = {id(_local_param(self.module, out)) for out, _ in self.desc.tied} if self.tied_split else set()
+        copies = {id(get_parameter(self.module, out)) for out, _ in self.desc.tied} if self.tied_split else set()
         segs = [(s, name[id(src)] in sharded) for s, src in self.data.segments if id(src) not in copies]
         sets = ClipSets(tuple(s for s, split in segs if split), tuple(s for s, split in segs if not split),
                         tuple(s for s, src in self.data.segments if id(src) in copies))
@@ -152,7 +161,8 @@ class ParallelModel:
 
     @torch.no_grad()
     def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
-        """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss)."""
+        """Sum of the per-token losses of ``micro`` (0 on pipeline stages without the loss).
+        Forward only: activations over pp, tp's collectives, ZeRO-3's gathers over dp."""
         with self.gathered():
             if self.pipeline is not None:
                 outs = self.pipeline.forward_only(StepContext(micro, self.loss, autocast))
@@ -190,15 +200,19 @@ class ParallelModel:
         return self.tp.full_logits(logits) if self.tp is not None else logits
 
     def _pipeline_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last stage's outputs, broadcast over pp: first their shape, then the values in the
-        parameters' dtype (under autocast the last stage computes them in bf16)."""
+        """The last stage's outputs, broadcast over pp: first their shape (up to 7 dimensions),
+        then the values in the parameters' dtype (under autocast the last stage computes them in bf16)."""
         pipe = self.pipeline
         outs = pipe.forward_only(StepContext([(tokens, None)], self.loss))
         last = pipe.stage_rank(pipe.num_stages - 1)
-        shape = torch.tensor(outs[0].shape if outs else [0, 0, 0], dtype=torch.long, device=pipe.device)
-        dist.broadcast(shape, last, group=self.groups.pp)
+        header = torch.zeros(8, dtype=torch.long, device=pipe.device)
+        if outs:
+            header[0] = outs[0].dim()
+            header[1:1 + outs[0].dim()] = torch.tensor(outs[0].shape)
+        dist.broadcast(header, last, group=self.groups.pp)
+        shape = header[1:1 + int(header[0])].tolist()
         logits = outs[0].to(pipe.dtype).contiguous() if outs else \
-            torch.empty(shape.tolist(), dtype=pipe.dtype, device=pipe.device)
+            torch.empty(shape, dtype=pipe.dtype, device=pipe.device)
         dist.broadcast(logits, last, group=self.groups.pp)
         return logits
 
@@ -216,6 +230,11 @@ class ParallelModel:
     def dp_rank(self) -> int:
         """This rank's share of the batch: ranks with the same dp_rank see the same data."""
         return self.groups.coord.dp_rank
+
+    @property
+    def coord(self):
+        """This rank's (pp_rank, dp_rank, tp_rank)."""
+        return self.groups.coord
 
     def memory(self) -> dict[str, int]:
         """Parameter and gradient bytes held now, and gradient bytes held between steps."""
@@ -272,12 +291,6 @@ def _stage_forward(pipe: PipelineParallel, chunk, x):
     return pipe.run_chunk(chunk, x, torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
 
 
-def _local_param(module: nn.Module, name: str) -> nn.Parameter | None:
-    owner, _, attr = name.rpartition(".")
-    holder = get_module(module, owner)
-    return getattr(holder, attr, None) if holder is not None else None
-
-
 def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
                 seed: int = 0, tokens_per_step: int | None = None, sample=None) -> ParallelModel:
     """Apply the layout ``parallel`` to ``model`` (already on its device and dtype, the same on
@@ -292,7 +305,12 @@ def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parall
     tied = bool(list(tied_parameters(desc, model)))
     if p.tp > 1 or p.sequence_parallel:
         tp = apply_tensor_parallel(model, desc, groups.mesh["tp"], sequence_parallel=p.sequence_parallel,
-                                   seed=seed_for(seed, "tp", dp_rank=coord.dp_rank, tp_rank=coord.tp_rank))
+                                   seed=seed_for(seed, "tp", dp_rank=coord.dp_rank, tp_rank=coord.tp_rank,
+                                                 pp_rank=coord.pp_rank))
+        if tp.vocab_parallel and desc.loss is not None:
+            raise DescriptionError("loss", getattr(desc.loss, "__name__", "loss"), "a vocab_head makes the loss "
+                                   "vocabulary-parallel (next-token cross-entropy): leave loss unset, or style "
+                                   "the output layer otherwise")
     if p.pp > 1:
         pipeline = apply_pipeline(model, desc, groups.pp, schedule=p.schedule, virtual_stages=p.virtual_stages,
                                   stage_layers=p.stage_layers, tokens_per_step=tokens_per_step,

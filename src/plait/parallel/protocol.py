@@ -9,7 +9,8 @@ One optimizer step, as ``ParallelModel`` drives it::
     begin_step()      before the first backward (ZeRO-2 allocates its full gradient buckets,
                       ZeRO-3 gathers what it keeps gathered for the whole step)
     forward/backward  of each micro-batch; all but the last inside ``no_sync()``, where a strand
-                      may only accumulate locally
+                      may only accumulate locally (under pipeline parallel: all but each chunk's
+                      last backward)
     finish()          after the last backward: every gradient in ``segments`` is final (the mean
                       over dp); tensor parallel then sums sequence-parallel partial gradients and
                       pipeline parallel a tied weight's two copies (``tied_grad``), on those tensors
@@ -53,8 +54,9 @@ class DataParallelStrand(abc.ABC):
 
     @abc.abstractmethod
     def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
-        """The gradient of ``param`` as the optimizer will read it, for a sum over the pipeline's
-        tied copies (ZeRO: the slice of the parameter built with ``isolate``)."""
+        """The gradient of ``param`` as the optimizer will read it, which the parallel model sums
+        over the first and last pipeline stage (``groups.embed``) after ``finish`` (ZeRO: the slice
+        of the parameter built with ``isolate``, which lines up between the two stages)."""
 
     @abc.abstractmethod
     def param_bytes(self) -> int:

@@ -20,6 +20,10 @@ sequence (backward: reduce-scatter), g a reduce-scatter (backward: all-gather). 
 parameters used on sequence shards (the blocks' and the output stage's norms, row-parallel
 biases) are partial sums and are all-reduced over tp after backward. The hidden states are split
 along the sequence as they enter the first block.
+
+With or without sequence parallel, a parameter inside a region that no style splits (a norm over
+this rank's heads) sees only this rank's share: its gradient is a partial sum too, all-reduced
+over tp after backward. A row-parallel bias is added after g, so it is whole without sp.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 
 from .. import comm
 from ..errors import DescriptionError
-from ..models.description import ModelDescription, param_owner, set_module, tied_parameters
+from ..models.description import IGNORE, ModelDescription, param_owner, set_module, tied_parameters
 
 
 def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -231,7 +235,7 @@ class TensorParallel:
     tp: int
     sequence_parallel: bool
     sharded: dict[str, tuple[int, int]]  # parameter name -> (split dim, unsplit size)
-    sp_partial: frozenset[str] = frozenset()  # parameters whose gradients are partial sums under sp
+    partial: frozenset[str] = frozenset()  # replicated parameters whose gradients are partial sums over tp
     vocab: int = 0  # of the vocab_head (0: none; the loss is then not vocabulary-parallel)
     vocab_start: int = 0
     padded_vocab: int = 0
@@ -242,12 +246,17 @@ class TensorParallel:
         return self.vocab > 0
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.flatten(), self.vocab_start,
-                                              self.vocab, self.group)
-        return losses.sum() if reduction == "sum" else losses.mean()
+        """Cross-entropy of vocabulary-split logits (B, S, V/tp): mean or sum over the targets that
+        are not ``IGNORE``. forward: two small all-reduces over tp (row maxima, then sums);
+        backward: no traffic."""
+        target = target.flatten()
+        keep = target != IGNORE
+        losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.masked_fill(~keep, 0), self.vocab_start,
+                                              self.vocab, self.group) * keep
+        return losses.sum() if reduction == "sum" else losses.sum() / keep.sum()
 
     def finish_grads(self, grads: list[torch.Tensor | None]) -> None:
-        """Sum over tp the partial gradients of replicated parameters used on sequence shards
+        """After backward: all-reduce (sum) over tp the partial gradients of replicated parameters
         (``grads``: theirs, or under ZeRO this rank's slices of them, which line up across tp)."""
         grads = [g for g in grads if g is not None]
         if not grads or self.tp == 1:
@@ -269,7 +278,8 @@ class TensorParallel:
         return out
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(…, V/tp) on each rank -> (…, V) on every rank (for sampling, not for training)."""
+        """(…, V/tp) on each rank -> (…, V) on every rank, by an all-gather over tp (for sampling,
+        not for training)."""
         if not self.vocab_parallel:
             return logits
         return comm.gather_last(logits, self.group)[..., : self.vocab]
@@ -289,6 +299,11 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
         if value % tp:
             raise DescriptionError(f"tp.divisible[{fact!r}]", value, f"must be divisible by parallel.tp={tp}")
     tied = list(tied_parameters(desc, model))
+    for out_name, in_name in tied:  # one shard must serve both: both split by vocabulary, or neither
+        styles = {desc.tp.style_of(n.rpartition(".")[0]) for n in (out_name, in_name)}
+        if styles not in ({"vocab_embedding", "vocab_head"}, {None}):
+            raise DescriptionError("tp.styles", f"{in_name}/{out_name}", "a tied pair must be styled "
+                                   "vocab_embedding and vocab_head together, or neither")
     vocab, has_head = _vocab_of(model, desc)
     if sequence_parallel and not has_head:  # nothing would gather the sequence before the loss
         raise DescriptionError("tp.styles", "no vocab_head", "sequence parallel needs the output layer styled "
@@ -301,16 +316,38 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
             ctx.apply(model, name, module, style)
     for out_name, in_name in tied:
         set_module(model, out_name, model.get_parameter(in_name))
-    partial: frozenset[str] = frozenset()
     if sequence_parallel:
-        desc.block_list(model)[0].register_forward_pre_hook(
-            lambda _m, args: (comm.scatter_seq(args[0], group), *args[1:]))
-        owner = param_owner(desc)
-        partial = frozenset(n for n, _ in model.named_parameters()
-                            if n not in ctx.sharded and owner(n) in ("block", "output"))
+        desc.block_list(model)[0].register_forward_pre_hook(lambda _m, args: (_scatter(args[0], group), *args[1:]))
+    partial = _partial(model, desc, ctx.sharded, sequence_parallel)
     _track_random(model, desc, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
     return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if has_head else 0,
                           rank * padded // tp if has_head else 0, padded)
+
+
+def _scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """Into the sequence-parallel part of the model: keep this rank's slice of the sequence."""
+    tp = comm.group_size(group)
+    if x.shape[1] % tp:
+        raise DescriptionError("embed", tuple(x.shape), f"sequence parallel splits the sequence over tp={tp}: "
+                               "its length must divide by tp")
+    return comm.scatter_seq(x, group)
+
+
+def _partial(model: nn.Module, desc: ModelDescription, sharded: dict, sequence_parallel: bool) -> frozenset[str]:
+    """Replicated parameters whose gradient is this rank's share: those inside a region (but a row
+    layer's bias, added after the sum), and under sequence parallel every other one of the blocks
+    and the output stage (they see 1/tp of the tokens)."""
+    regions = [n for n, _ in model.named_modules() if desc.tp.style_of(n) == "region"]
+    owner = param_owner(desc)
+    out = set()
+    for name, _ in model.named_parameters():
+        module = name.rpartition(".")[0]
+        in_region = any(module == r or module.startswith(r + ".") for r in regions)
+        row_bias = desc.tp.style_of(module) == "row"
+        if name not in sharded and ((in_region and not row_bias) or
+                                    (sequence_parallel and owner(name) in ("block", "output"))):
+            out.add(name)
+    return frozenset(out)
 
 
 def _vocab_of(model: nn.Module, desc: ModelDescription) -> tuple[int, bool]:
@@ -354,6 +391,10 @@ class _Styling:
 
     def _build(self, name: str, module: nn.Module, style: str) -> nn.Module:
         g, sp = self.group, self.sequence_parallel
+        split = {"column": "out_features", "row": "in_features"}.get(style)
+        if split and getattr(module, split) % self.tp:
+            raise DescriptionError(f"tp style of {name}", style, f"{split}={getattr(module, split)} must be "
+                                   f"divisible by parallel.tp={self.tp}")
         if style == "column":
             for what in ("weight", "bias") if module.bias is not None else ("weight",):
                 self.sharded[f"{name}.{what}"] = (0, module.out_features)

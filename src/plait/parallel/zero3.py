@@ -68,9 +68,11 @@ class Zero3(DataParallelStrand):
         parameter kept in a unit of its own (see ``data.bucket_layout``)."""
         self.module, self.group = module, group
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        in_units = {id(p) for u in units for p in u.parameters()}
-        rest = [p for p in module.parameters() if id(p) not in in_units and p is not isolate]
-        self.units = [self._unit(list(u.parameters())) for u in units]
+        trained = [(u, [p for p in u.parameters() if p.requires_grad]) for u in units]
+        units = [u for u, params in trained if params]  # a frozen block stays whole, outside ZeRO-3
+        in_units = {id(p) for _, params in trained for p in params}
+        rest = [p for p in module.parameters() if id(p) not in in_units and p is not isolate and p.requires_grad]
+        self.units = [self._unit(params) for _, params in trained if params]
         kept = ([rest] if rest else []) + ([[isolate]] if isolate is not None else [])
         self.kept_units = [self._unit(ps) for ps in kept]
         for unit in self.kept_units:
@@ -89,6 +91,9 @@ class Zero3(DataParallelStrand):
         return self.units + self.kept_units
 
     def _unit(self, params: list[nn.Parameter]) -> Unit:
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise ValueError(f"ZeRO-3 lays a block's parameters out in one flat buffer: they need one dtype and "
+                             f"device, not {sorted({str(p.dtype) for p in params})}")
         layout = FlatLayout(tuple(params), self.dp, self.rank)
         full = layout.zeros()
         flatten_into(params, full)
@@ -147,6 +152,7 @@ class Zero3(DataParallelStrand):
     # ---------------------------------------------------------------- the step, as DataParallel's
 
     def begin_step(self) -> None:
+        """Gather the kept units (the root, an isolated parameter) over dp for the whole step."""
         for unit in self.kept_units:
             self._gather(unit)
             self._prepare_grads(unit)
@@ -155,6 +161,8 @@ class Zero3(DataParallelStrand):
         return contextlib.nullcontext()  # each micro-batch's gradients are reduce-scattered at once
 
     def finish(self) -> None:
+        """After the last backward: reduce-scatter (mean) over dp what is left (the kept units,
+        and units whose backward did not run), and free the gathered parameters."""
         for u in self.units:  # units whose backward did not run (or not every parameter took part)
             if u.grad.untyped_storage().size():
                 self._reduce(u)

@@ -83,7 +83,7 @@ class Trainer:
                               sample=sample)
         self.model = self.pm.module
         self.optimizer = build_optimizer(self.pm.param_groups(t.weight_decay), t)
-        torch.manual_seed(seed_for(t.seed, "dropout", dp_rank=self.coord.dp_rank))  # differs across dp
+        torch.manual_seed(seed_for(t.seed, "dropout", dp_rank=self.coord.dp_rank, pp_rank=self.coord.pp_rank))
         self.corpus = corpus
         self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, seed_for(t.seed, "data"),
                                self.coord.dp_rank, p.dp)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ...errors import ConfigError, DescriptionError
 from ...models.description import ModelDescription, batch_shape, stage_modules
 from ...schedules import ACT, GRAD, Action, Message, Schedule, place, sender
 from .transfers import SendTracker, step_plan
@@ -119,9 +120,13 @@ class PipelineParallel:
     def _tag(self, msg: Message) -> int:
         return 0 if self.match_by_order else msg[0] * self.num_stages + msg[1]
 
+    def _shape(self, msg: Message) -> tuple[int, int, int]:
+        """What travels for ``msg``: (micro-batch, sequence / sequence shards, hidden)."""
+        b, s = batch_shape(self._micro[msg[2]][0])
+        return b, s // self.seq_shards, self.desc.hidden
+
     def _post_recv(self, msg: Message) -> tuple:
-        b, s = batch_shape(self._micro[msg[2]][0])  # (B, S, H/.., with S split under sequence parallel)
-        buf = torch.empty((b, s // self.seq_shards, self.desc.hidden), dtype=self.dtype, device=self.device)
+        buf = torch.empty(self._shape(msg), dtype=self.dtype, device=self.device)
         return dist.irecv(buf, self.stage_rank(sender(msg)), tag=self._tag(msg)), buf
 
     def _advance(self, peer: int, upto: tuple[bool, Message]) -> bool:
@@ -145,6 +150,9 @@ class PipelineParallel:
         raise RuntimeError(f"pipeline: transfer {upto} is not in the agreed order with pipeline rank {peer}")
 
     def _send(self, t: torch.Tensor, msg: Message) -> None:
+        if tuple(t.shape) != self._shape(msg):  # the receiver's buffer has the described shape
+            raise DescriptionError("hidden", tuple(t.shape), f"a pipeline stage must pass (micro-batch, sequence, "
+                                   f"hidden) = {self._shape(msg)}: check hidden, and that blocks keep the shape")
         t = t.detach().to(self.dtype).contiguous()
         if self.sends is None:  # forward only
             self._sends.append((dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg)), t))
@@ -252,6 +260,9 @@ class PipelineParallel:
 
     def train_step(self, ctx: StepContext) -> torch.Tensor:
         """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
+        if self.schedule.interleaved and len(ctx.micro) % self.pp:
+            raise ConfigError("parallel.microbatches", len(ctx.micro), f"the {self.schedule.name} schedule needs "
+                              f"a multiple of pp={self.pp} micro-batches a step")
         plan = step_plan(self.schedule, self.pp, len(ctx.micro), len(self.chunks), self.pp_rank)
         self.sends, self._orders, self._micro = SendTracker(plan, self.pp), plan.orders, ctx.micro
         self._next = dict.fromkeys(self._orders, 0)
@@ -271,7 +282,8 @@ class PipelineParallel:
 
     @torch.no_grad()
     def forward_only(self, ctx: StepContext) -> list[torch.Tensor]:
-        """Forward, micro-batch by micro-batch through every chunk; the last stage's outputs."""
+        """Forward, micro-batch by micro-batch through every chunk; the last stage's outputs.
+        Activations travel point to point to the next stage; nothing travels back."""
         outs = []
         for x, y in ctx.micro:
             self._micro = [(x, y)]  # every message of this micro-batch is number 0

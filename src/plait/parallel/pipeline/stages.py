@@ -8,7 +8,7 @@ checkpoints and verification line up with the unsplit model.
 
 A tied parameter (an input embedding shared with the output layer) becomes two copies, on the
 first and the last stage; after each backward their gradients are summed over the group of those
-two stages (``groups.embed``), so both take the same update.
+two stages (``groups.embed``, ``ParallelModel.finish_grads``), so both take the same update.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from torch import nn
 
 from ... import comm, schedules
 from ...errors import ConfigError
-from ...models.description import ModelDescription, get_module, parameter_costs, set_module
+from ...models.description import ModelDescription, get_parameter, parameter_costs, set_module
 from .partition import balanced_split, blocks_of_stages
 from .runtime import Chunk, PipelineParallel
 
-__all__ = ["apply_pipeline", "sum_tied_grads", "tied_copy"]
+__all__ = ["apply_pipeline", "tied_copy"]
 
 
 def apply_pipeline(model: nn.Module, desc: ModelDescription, group, *, schedule: str, virtual_stages: int = 1,
@@ -70,20 +70,12 @@ def _keep_local(model: nn.Module, desc: ModelDescription, chunks: list[Chunk]) -
 
 
 def tied_copy(desc: ModelDescription, model: nn.Module) -> torch.Tensor | None:
-    """This rank's copy of a tied parameter (first stage: the input stage's, last: the output
-    stage's), or None."""
+    """This rank's copy of the tied parameter (first stage: the input stage's, last: the output
+    stage's), or None. Its gradient is summed over the first and last stage (``groups.embed``)
+    after backward, by ``ParallelModel.finish_grads``."""
     for out_name, in_name in desc.tied:
         for name in (in_name, out_name):
-            module_name, _, attr = name.rpartition(".")
-            module = get_module(model, module_name)
-            if module is not None:
-                return getattr(module, attr)
+            p = get_parameter(model, name)
+            if p is not None:
+                return p
     return None
-
-
-def sum_tied_grads(desc: ModelDescription, model: nn.Module, group) -> None:
-    """After backward: all-reduce (sum) the tied parameter's gradient over the first and last
-    stage (``group``), so both copies take the same update. forward: nothing."""
-    w = tied_copy(desc, model)
-    if group is not None and w is not None and w.grad is not None:
-        comm.all_reduce_(w.grad, group)
