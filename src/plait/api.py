@@ -19,7 +19,6 @@ docs/own-model.md walks through it with examples/own_model.py.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 from . import comm
 from .config import ParallelConfig, resolve_layout
 from .errors import PlaitError
-from .launch import run_in_process, run_local, threads_per_process, under_torchrun
+from .launch import local_slots, run_in_process, run_local, threads_per_process, under_torchrun
 from .models.description import ModelDescription
 from .parallel.hybrid import ParallelModel
 from .parallel.hybrid import parallelize as _parallelize
@@ -69,8 +68,7 @@ def launch(fn: Callable, nproc: int | None = None, *args):
     one fails, all are stopped and the error is raised here."""
     if under_torchrun():
         return run_in_process(fn, args)
-    if nproc is None:
-        nproc = torch.cuda.device_count() if torch.cuda.is_available() else len(os.sched_getaffinity(0))
+    nproc = nproc or local_slots()
     return run_local(fn, nproc, args, threads=threads_per_process(nproc))[0]
 
 

@@ -28,17 +28,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import comm
-from .config import RunConfig, microbatches, step_tokens
+from .config import RunConfig, microbatches
 from .errors import ConfigError
 from .launch import run_local
-from .models import ModelDescription, build, num_params
-from .models.description import cross_entropy, param_owner
-from .parallel.hybrid import ParallelModel, parallelize
+from .models import ModelDescription, num_params
+from .models.description import cross_entropy, param_owner, within
 from .seeds import seed_for
 from .topology import Topology, build_groups
 from .train.data import Sampler, load_corpus
 from .train.metrics import optimizer_bytes, tensor_bytes
-from .train.optim import build_optimizer
+from .train.optim import build_optimizer, plain_groups
+from .train.trainer import build_parallel, fresh_model
 
 
 @dataclass
@@ -110,31 +110,29 @@ def _setup(cfg: RunConfig):
     return device, groups, sampler
 
 
-def _fresh_model(cfg: RunConfig, device) -> tuple[nn.Module, ModelDescription]:
-    torch.manual_seed(seed_for(cfg.train.seed, "init"))
-    model, desc = build(cfg.model)
-    return model.to(device), desc
-
-
-def _parallel(cfg: RunConfig, groups, device) -> ParallelModel:
-    return parallelize(*_fresh_model(cfg, device), groups, cfg.parallel, seed=cfg.train.seed,
-                       tokens_per_step=step_tokens(cfg))
+def _adamw(params, cfg: RunConfig) -> torch.optim.AdamW:
+    """The torch side's optimizer: plait's AdamW settings over an unsplit model's parameters."""
+    return build_optimizer(plain_groups(params, cfg.train.weight_decay), cfg.train)
 
 
 def _plait(cfg: RunConfig, groups, device) -> Contender:
     """plait's side: the model as ``parallelize`` builds it for training, stepped as the trainer does."""
-    pm = _parallel(cfg, groups, device)
+    pm, _ = build_parallel(cfg, groups, device)
     opt = build_optimizer(pm.param_groups(cfg.train.weight_decay), cfg.train)
     c = Contender(pm.module, opt, pm.loss, pm.finish_grads, zero_grad=pm.zero_grad, step=pm.forward_backward,
                   after=pm.after_step)
-    c.state_bytes = lambda: pm.memory()["params"] + pm.memory()["grads"] + optimizer_bytes(opt)
+
+    def state_bytes() -> int:
+        held = pm.memory()
+        return held["params"] + held["grads"] + optimizer_bytes(opt)
+
+    c.state_bytes = state_bytes
     return c
 
 
 def _model_params(cfg: RunConfig) -> int:
     """Parameters of the whole model, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        return num_params(build(cfg.model)[0])
+    return num_params(fresh_model(cfg, torch.device("meta"))[0])
 
 
 def _ce(logits, y):
@@ -144,8 +142,8 @@ def _ce(logits, y):
 def _dp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    ddp = DDP(_fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
-    theirs = Contender(ddp, build_optimizer(ddp.parameters(), cfg.train), _ce, no_sync=ddp.no_sync)
+    ddp = DDP(fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
+    theirs = Contender(ddp, _adamw(ddp.parameters(), cfg), _ce, no_sync=ddp.no_sync)
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
     return _summary(cfg, times, "torch DistributedDataParallel", num_params(ours.model))  # dp: whole model
 
@@ -170,8 +168,7 @@ def dtensor_plan(model: nn.Module, desc: ModelDescription, sequence_parallel: bo
         styled = [n for n, _ in model.named_modules() if desc.tp.style_of(n) not in (None, "region")]
         for name, module in model.named_modules():
             direct = [f"{name}.{k}" for k, _ in module.named_parameters(recurse=False)]
-            if direct and owner(direct[0]) in ("block", "output") and not any(
-                    name == s or name.startswith(s + ".") for s in styled):
+            if direct and owner(direct[0]) in ("block", "output") and not within(name, styled):
                 plan[name] = SequenceParallel()
     return plan
 
@@ -185,7 +182,7 @@ class _Split:
 
         params = list(model.parameters())
         parts = [[p for p in params if isinstance(p, DTensor) == want] for want in (True, False)]
-        self.optimizers = [build_optimizer(part, cfg.train) for part in parts if part]
+        self.optimizers = [_adamw(part, cfg) for part in parts if part]
 
     def step(self) -> None:
         for o in self.optimizers:
@@ -201,7 +198,7 @@ def _tp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
 
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    model, desc = _fresh_model(cfg, device)
+    model, desc = fresh_model(cfg, device)
     model = parallelize_module(model, groups.mesh["tp"], dtensor_plan(model, desc, cfg.parallel.sequence_parallel))
     theirs = Contender(model, _Split(model, cfg), _ce, around=loss_parallel)
     times = _race(cfg, sampler, device, ours, theirs, iters, warmup)
@@ -228,7 +225,7 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
 
     device, groups, sampler = _setup(cfg)
     ours = _plait(cfg, groups, device)
-    split = _parallel(replace(cfg, parallel=replace(cfg.parallel, zero=0)), groups, device)  # the same stages
+    split, _ = build_parallel(replace(cfg, parallel=replace(cfg.parallel, zero=0)), groups, device)  # same stages
     p = cfg.parallel
     stages = [tp_pipe.PipelineStage(_TorchStage(modules, forward), stage, p.pp * p.virtual_stages, device,
                                     group=groups.pp) for stage, modules, forward in split.stages()]
@@ -236,7 +233,7 @@ def _pp_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
     cls = getattr(tp_pipe, name)
     schedule = cls(stages, microbatches(cfg), loss_fn=_ce) if len(stages) > 1 else \
         cls(stages[0], microbatches(cfg), loss_fn=_ce)
-    opt = build_optimizer(split.module.parameters(), cfg.train)
+    opt = _adamw(split.module.parameters(), cfg)
     first, last = stages[0].is_first, stages[-1].is_last
     theirs = Contender(split.module, opt, _ce, split.sum_tied_grads,  # the same work after backward as ours
                        step=lambda micro: _torch_pipeline_step(schedule, first, last, micro))
@@ -261,11 +258,11 @@ def _fsdp_contender(cfg: RunConfig, groups, device) -> tuple[Contender, Callable
     """PyTorch's ZeRO-3: fully_shard on every block, then on the whole model, over the dp mesh."""
     from torch.distributed.fsdp import fully_shard
 
-    model, desc = _fresh_model(cfg, device)
+    model, desc = fresh_model(cfg, device)
     for block in desc.block_list(model):
         fully_shard(block, mesh=groups.mesh["dp"])
     fully_shard(model, mesh=groups.mesh["dp"])
-    opt = build_optimizer(model.parameters(), cfg.train)
+    opt = _adamw(model.parameters(), cfg)
 
     @contextlib.contextmanager
     def no_sync():
@@ -290,12 +287,10 @@ def _zero_worker(cfg: RunConfig, iters: int, warmup: int) -> dict | None:
         theirs, torch_states = _fsdp_contender(cfg, groups, device)
         baseline = "torch fully_shard (FSDP2)"
     else:
-        ddp = DDP(_fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
+        ddp = DDP(fresh_model(cfg, device)[0], process_group=groups.dp, gradient_as_bucket_view=True)
         t, params = cfg.train, list(ddp.parameters())
-        zro = ZeroRedundancyOptimizer([{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-                                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                      optimizer_class=torch.optim.AdamW, process_group=groups.dp, lr=t.lr,
-                                      betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        zro = ZeroRedundancyOptimizer(plain_groups(params, t.weight_decay), optimizer_class=torch.optim.AdamW,
+                                      process_group=groups.dp, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
         theirs = Contender(ddp, zro, _ce, no_sync=ddp.no_sync)
         baseline = "torch ZeroRedundancyOptimizer + DDP"
 

@@ -93,9 +93,9 @@ def load_config(args: argparse.Namespace, defaults: dict | None = None) -> C.Run
 
 def default_nproc(cfg: C.RunConfig) -> int:
     """Visible GPUs on CUDA, else CPU cores; at least tp*pp (and dp*tp*pp when dp is given)."""
-    import torch
+    from .launch import local_slots
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    n = local_slots()
     p = cfg.parallel
     return p.dp * p.tp * p.pp if p.dp else max(n - n % (p.tp * p.pp), p.tp * p.pp)
 

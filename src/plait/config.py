@@ -307,14 +307,21 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
 
 
+def builder_parts(spec: str) -> tuple[Path, str]:
+    """``model.builder``'s file and function name; one-line errors for a malformed value or a
+    missing file."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name.isidentifier():
+        raise ConfigError("model.builder", spec, "expected FILE.py:FUNCTION, e.g. examples/own_model.py:build")
+    if not Path(path).expanduser().is_file():
+        raise ConfigError("model.builder", spec, f"no such file {path}; give a Python file and a function in it")
+    return Path(path).expanduser(), name
+
+
 def _validate_builder(m: ModelConfig) -> None:
     """A user's model: its sizes are its own (the description is checked when it is built);
     the data still needs the vocabulary and sequence length."""
-    path, _, name = m.builder.rpartition(":")
-    if not path or not name.isidentifier():
-        raise ConfigError("model.builder", m.builder, "expected FILE.py:FUNCTION, e.g. examples/own_model.py:build")
-    if not Path(path).expanduser().is_file():
-        raise ConfigError("model.builder", m.builder, f"no such file {path}; give a Python file and a function in it")
+    builder_parts(m.builder)
     for key in ("vocab", "seq_len"):
         _positive(f"model.{key}", getattr(m, key))
 

@@ -11,21 +11,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, step_tokens
-from .models import build
-from .parallel.hybrid import parallelize
+from .config import RunConfig
 from .topology import Topology, build_groups
 from .train.metrics import tensor_bytes
-from .train.trainer import param_dtype
+from .train.trainer import build_parallel
 
 
 def dry_run_worker(cfg: RunConfig) -> dict:
     """This rank's coordinates and model-state bytes (collective: builds the process groups)."""
     groups = build_groups(Topology.of(cfg.parallel), "cpu")
-    with torch.device("meta"):
-        model, desc = build(cfg.model)
-        model = model.to(dtype=param_dtype(cfg))
-    pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg))
+    pm, _ = build_parallel(cfg, groups, torch.device("meta"))
     held = pm.memory()
     params, grads = held["params"], held["steady_grads"]
     stepped = [t for group in pm.param_groups(0.0) for t in group["params"]]

@@ -49,14 +49,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_slots() -> int:
+    """Local processes a run defaults to: one per visible GPU, else one per usable CPU core."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else usable_cores()
+
+
 def threads_per_process(nproc: int) -> int:
     """Intra-op threads for each of ``nproc`` local processes: ``OMP_NUM_THREADS`` where it is
     set, else this machine's usable cores divided among them (at least 1)."""
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         return int(omp)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, nproc))
+    return max(1, usable_cores() // max(1, nproc))
 
 
 def run_in_process(fn: Callable, args: tuple, collective_timeout_s: float = 600.0):

@@ -53,7 +53,8 @@ def test_a_loop_of_ones_own_equals_one_process(layout):
     assert got == pytest.approx(ref, rel=1e-9, abs=0)
 
 
-def _wrong_hidden():
+def _misused(how: str):
+    """A loop of one's own that gets something wrong the description cannot show in advance."""
     import dataclasses
 
     import torch
@@ -62,15 +63,37 @@ def _wrong_hidden():
 
     own = _example()
     torch.manual_seed(0)
-    model = own.TinyDecoder(vocab=256, width=32, depth=2, n_heads=4)
-    desc = dataclasses.replace(own.describe(model, 4), hidden=48)  # wrong, and no sample to catch it early
-    pm = plait.parallelize(model, desc, plait.ParallelConfig(pp=2))
-    x = torch.randint(0, 256, (2, 16))
-    pm.train_step([(x[:1], x[:1]), (x[1:], x[1:])], torch.optim.SGD(pm.param_groups(0.0), lr=0.1))
+    model = own.TinyDecoder(vocab=256, width=32, depth=4, n_heads=4)
+    desc, layout, seq = own.describe(model, 4), {"pp": 2}, 16
+    if how == "hidden":
+        desc = dataclasses.replace(desc, hidden=48)  # wrong, and no sample to catch it early
+    elif how == "interleaved":
+        layout = {"pp": 2, "schedule": "interleaved", "virtual_stages": 2}
+    elif how == "sequence":
+        layout, seq = {"tp": 2, "sequence_parallel": True}, 15
+    elif how == "dtypes":
+        layout = {"zero": 3}
+        model.layers[0].ffn.w_in.double()
+    pm = plait.parallelize(model, desc, plait.ParallelConfig(**layout))
+    x = torch.randint(0, 256, (3, seq))
+    micro = [(x[i:i + 1], x[i:i + 1]) for i in range(3)]  # 3 micro-batches (the interleaved schedule needs 2k)
+    pm.train_step(micro, torch.optim.SGD(pm.param_groups(0.0), lr=0.1))
 
 
-def test_a_wrong_hidden_stops_the_pipeline_with_one_line_not_a_hang():
+@pytest.mark.parametrize("how, message", [
+    ("hidden", r"model description hidden=\(1, 16, 32\): a pipeline stage must pass"),
+    ("interleaved", r"parallel.microbatches=3: the interleaved schedule needs a multiple of pp=2"),
+    ("sequence", r"model description embed=\(1, 15, 32\): sequence parallel splits the sequence over tp=2"),
+])
+def test_a_misused_loop_stops_with_one_line_not_a_hang(how, message):
     from plait.errors import PlaitError
 
-    with pytest.raises(PlaitError, match=r"model description hidden=\(1, 16, 32\): a pipeline stage must pass"):
-        run_local(_wrong_hidden, 2, timeout_s=60, collective_timeout_s=30)
+    with pytest.raises(PlaitError, match=message):
+        run_local(_misused, 2, (how,), timeout_s=60, collective_timeout_s=30)
+
+
+def test_zero3_refuses_a_block_of_mixed_dtypes():
+    from plait.errors import PlaitError
+
+    with pytest.raises(PlaitError, match=r"parallel.zero=3: ZeRO-3 lays a block's parameters out in one flat buffer"):
+        run_local(_misused, 2, ("dtypes",), timeout_s=60, collective_timeout_s=30)

@@ -310,89 +310,41 @@ def test_each_local_process_gets_its_share_of_the_cores(corpus_file, tmp_path, n
     assert f"({want} thread{'s' if want > 1 else ''} a process)" in r.stderr, r.stderr
 
 
-BAD_BUILDER = '''
-import torch
-from torch import nn
-from plait import ModelDescription, TensorParallelPlan
+SMALL = Path(__file__).resolve().parents[1] / "models" / "small.py"
+WRONG = [  # (builder function, layout, the one line expected)
+    ("wide", "tp=2", "model description blocks[1]=(1, 16, 64): a block must map hidden (1, 16, 32) to the same shape"),
+    ("unmatched", "dp=2", "model description tp.styles['layers.*.proj']='column': the pattern matches no module"),
+    ("heads", "tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
+    ("nothing", "dp=2", "must return (nn.Module, ModelDescription)"),
+    ("missing", "dp=2", "defines no function 'missing'"),
+    ("half_tied", "tp=2", "model description tp.styles='emb.weight/out.weight': a tied pair must be styled"),
+    ("odd", "tp=2", "model description tp style of layers.0.0='column': out_features=33 must be divisible"),
+    ("wrong_kind", "tp=2", "model description tp style of layers.0.attn='column': needs an nn.Linear, not Attention"),
+    ("bias_head", "tp=2", "model description tp style of out='vocab_head': a vocab_head must have no bias"),
+    ("two_vocabs", "tp=2", "model description tp.styles=[256, 257]: vocab_embedding and vocab_head must have one"),
+    ("no_head", "tp=2,sequence_parallel=true", "model description tp.styles='no vocab_head': sequence parallel needs"),
+    ("own_loss", "tp=2", "model description loss='<lambda>': a vocab_head makes the loss vocabulary-parallel"),
+    ("build", "pp=4", "parallel.pp=4: pp x virtual_stages = 4 stages need at least 4 blocks; the model has 2"),
+    ("build", "pp=2,stage_layers=3:1", "parallel.stage_layers='3,1': give 2 positive block counts summing to the "
+     "model's 2 blocks"),
+]
 
 
-class Model(nn.Module):
-    def __init__(self, vocab, width, wide_block):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, width)
-        self.layers = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, 2 * width if wide_block else width)])
-        self.out = nn.Linear(2 * width if wide_block else width, vocab, bias=False)
-
-    def embed(self, tokens):
-        return self.emb(tokens)
-
-    def head(self, h):
-        return self.out(h)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(h)
-
-
-def build(cfg, wide_block=False, **kw):
-    model = Model(cfg.vocab, cfg.hidden, wide_block)
-    plan = {"emb": "vocab_embedding", "layers.*": "column", "out": "vocab_head"}
-    desc = dict(embed=Model.embed, blocks="layers", head=Model.head, hidden=cfg.hidden, input_modules=("emb",),
-                output_modules=("out",), tp=TensorParallelPlan(plan))
-    return model, ModelDescription(**{**desc, **kw})
-
-
-def wide(cfg):
-    return build(cfg, wide_block=True)
-
-
-def unmatched(cfg):
-    return build(cfg, tp=TensorParallelPlan({"layers.*.proj": "column"}))
-
-
-def heads(cfg):
-    return build(cfg, tp=TensorParallelPlan({"layers.*": "column"}, divisible={"heads": 3}))
-
-
-def nothing(cfg):
-    return "not a model"
-
-
-def half_tied(cfg):
-    model, desc = build(cfg, tied=(("out.weight", "emb.weight"),), tp=TensorParallelPlan({"out": "vocab_head"}))
-    model.out.weight = model.emb.weight
-    return model, desc
-
-
-def odd(cfg):
-    model, desc = build(cfg, tp=TensorParallelPlan({"layers.*.0": "column", "layers.*.1": "row"}))
-    model.layers = nn.ModuleList([nn.Sequential(nn.Linear(cfg.hidden, 33), nn.Linear(33, cfg.hidden))])
-    return model, desc
-'''
-
-
-WRONG = {  # builder function -> (layout, the one line expected)
-    "wide": ("tp=2", "model description blocks[1]=(1, 16, 64): a block must map hidden (1, 16, 32) to the same shape"),
-    "unmatched": ("dp=2", "model description tp.styles['layers.*.proj']='column': the pattern matches no module"),
-    "heads": ("tp=2", "model description tp.divisible['heads']=3: must be divisible by parallel.tp=2"),
-    "nothing": ("dp=2", "must return (nn.Module, ModelDescription)"),
-    "missing": ("dp=2", "defines no function 'missing'"),
-    "half_tied": ("tp=2", "model description tp.styles='emb.weight/out.weight': a tied pair must be styled"),
-    "odd": ("tp=2", "model description tp style of layers.0.0='column': out_features=33 must be divisible"),
-}
-
-
-@pytest.mark.parametrize("function", WRONG)
-def test_a_wrong_description_stops_with_one_line(corpus_file, tmp_path, function):
-    layout, part = WRONG[function]
-    (tmp_path / "mine.py").write_text(BAD_BUILDER)
-    r = plait("verify", *tiny_args(corpus_file), "--set", f"model.builder={tmp_path / 'mine.py'}:{function}",
+@pytest.mark.parametrize("function, layout, part", WRONG, ids=[f"{f}-{layout}" for f, layout, _ in WRONG])
+def test_a_wrong_description_stops_with_one_line(corpus_file, function, layout, part):
+    r = plait("verify", *tiny_args(corpus_file), "--set", f"model.builder={SMALL}:{function}",
               "--layouts", layout, "--steps", "1")
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [line for line in r.stderr.strip().splitlines() if line.strip() and "tokenising" not in line]
     assert len(lines) == 1 and part in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_builder_file_that_fails_to_import_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    r = plait("train", "--set", f"model.builder={tmp_path / 'broken.py'}:build", "--steps", "1", "--out",
+              str(tmp_path / "run"))
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and "tokenising" not in line]
+    assert r.returncode == 2 and len(lines) == 1 and "failed: RuntimeError: boom" in lines[0], r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value, fragment", [("examples/own_model.py", "expected FILE.py:FUNCTION"),

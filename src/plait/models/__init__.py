@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from pathlib import Path
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, builder_parts
 from ..errors import ConfigError
 from .description import ModelDescription, TensorParallelPlan, check, compose
 from .gpt import GPT, generate, num_params
@@ -35,12 +34,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 def load_builder(spec: str):
     """The function named by ``"FILE.py:FUNCTION"`` (FILE relative to the working directory)."""
-    path, _, name = spec.rpartition(":")
-    if not path or not name:
-        raise ConfigError("model.builder", spec, "expected FILE.py:FUNCTION, e.g. examples/own_model.py:build")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError("model.builder", spec, f"no such file {path}; give a Python file and a function in it")
+    file, name = builder_parts(spec)
     module_name = "plait_builder_" + hashlib.sha1(str(file.resolve()).encode()).hexdigest()[:12]
     module = sys.modules.get(module_name)
     if module is None:
@@ -49,11 +43,11 @@ def load_builder(spec: str):
         try:
             loader.loader.exec_module(module)
         except Exception as e:  # noqa: BLE001 - the user's file: report it in one line
-            raise ConfigError("model.builder", spec, f"importing {path} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError("model.builder", spec, f"importing {file} failed: {type(e).__name__}: {e}") from None
         sys.modules[module_name] = module
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError("model.builder", spec, f"{path} defines no function {name!r}")
+        raise ConfigError("model.builder", spec, f"{file} defines no function {name!r}")
     return fn
 
 

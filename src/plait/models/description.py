@@ -162,13 +162,18 @@ def tied_parameters(desc: ModelDescription, model: nn.Module) -> Iterator[tuple[
             yield out_name, in_name
 
 
+def within(name: str, prefixes) -> bool:
+    """Whether the dotted ``name`` is one of ``prefixes`` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def param_owner(desc: ModelDescription) -> Callable[[str], str | None]:
     """name -> ``"input"``, ``"block"`` or ``"output"``: which piece a parameter belongs to."""
     def owner(name: str) -> str | None:
-        if name.startswith(desc.blocks + "."):
+        if within(name, (desc.blocks,)):
             return "block"
         for which, prefixes in (("input", desc.input_modules), ("output", desc.output_modules)):
-            if any(name == p or name.startswith(p + ".") for p in prefixes):
+            if within(name, prefixes):
                 return which
         return None
     return owner

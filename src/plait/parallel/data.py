@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from .flat import release, restore
 from .protocol import DataParallelStrand
 
 
@@ -131,9 +132,32 @@ class GradBuckets:
                 b.work.wait()
         self._reset()
 
+    def zero(self) -> None:
+        """Zero the buckets in place and (re)attach every ``.grad`` as a view into its bucket."""
+        for b in self.buckets:
+            b.buffer.zero_()
+        self.attach()
+
+    def release(self) -> None:
+        """Free the buckets' storage (ZeRO-2 between steps); ``.grad`` views stay attached."""
+        for b in self.buckets:
+            release(b.buffer)
+
+    def restore(self) -> None:
+        """Give released buckets their storage back, zeroed."""
+        for b in self.buckets:
+            if restore(b.buffer):
+                b.buffer.zero_()
+
     def nbytes(self) -> int:
         """Bytes of the full buckets held now (ZeRO-2 releases them between steps)."""
         return sum(b.buffer.untyped_storage().nbytes() for b in self.buckets)
+
+
+def all_reduce_mean(b: Bucket, group, dp: int):
+    """backward: divide the bucket by dp and all-reduce (sum) it over ``group``, asynchronously."""
+    b.buffer.div_(dp)
+    return comm.all_reduce_(b.buffer, group, async_op=True)
 
 
 class DataParallel(DataParallelStrand):
@@ -150,11 +174,8 @@ class DataParallel(DataParallelStrand):
         self.segments = [(p, p) for p in params]
 
     def _launch(self, b: Bucket):
-        """backward: the bucket divided by dp, all-reduced (sum) over dp, asynchronously."""
-        if self.dp > 1:
-            b.buffer.div_(self.dp)
-            return comm.all_reduce_(b.buffer, self.group, async_op=True)
-        return None
+        """backward: the bucket's mean over dp (``all_reduce_mean``); nothing with one rank."""
+        return all_reduce_mean(b, self.group, self.dp) if self.dp > 1 else None
 
     def no_sync(self):
         """Accumulate gradients locally; nothing travels until the next backward outside."""
@@ -166,12 +187,7 @@ class DataParallel(DataParallelStrand):
 
     def zero_grad(self) -> None:
         """Zero the buckets in place (``.grad`` stay views into them)."""
-        for b in self.buckets:
-            b.buffer.zero_()
-        self.grads.attach()
-
-    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
-        return param.grad
+        self.grads.zero()
 
     def grad_bytes(self) -> int:
         return self.grads.nbytes()

@@ -62,6 +62,20 @@ class FlatLayout:
         return out
 
 
+def release(t: torch.Tensor) -> None:
+    """Free ``t``'s storage, keeping the tensor (and every view of it) to be restored later."""
+    t.untyped_storage().resize_(0)
+
+
+def restore(t: torch.Tensor) -> bool:
+    """Give ``t`` its storage back (uninitialised) if it was released; whether it was."""
+    storage = t.untyped_storage()
+    if storage.size():
+        return False
+    storage.resize_(t.numel() * t.element_size())
+    return True
+
+
 def flatten_into(params, flat: torch.Tensor) -> None:
     """Copy each parameter into its place in ``flat`` and make its ``.data`` that view."""
     for p, view in zip(params, views_of(list(params), flat)):

@@ -45,6 +45,7 @@ class ParallelModel:
     tp: TensorParallel | None = None
     pipeline: PipelineParallel | None = None
     tied_split: bool = False  # a tied parameter split over the first and last pipeline stage
+    tied_param: nn.Parameter | None = None  # this rank's copy of it (first or last stage), else None
     _clip: tuple | None = field(default=None, repr=False)  # (ClipSets, NormGroups), built once
     _partial_segs: list | None = field(default=None, repr=False)  # segments of tp-partial gradients, found once
 
@@ -100,9 +101,8 @@ class ParallelModel:
     def sum_tied_grads(self) -> None:
         """All-reduce (sum) the tied parameter's gradient over the first and last pipeline stage
         (``groups.embed``), so both copies take the same update (ZeRO: their slices line up)."""
-        copy = tied_copy(self.desc, self.module) if self.tied_split else None
-        if copy is not None:  # the first or the last stage
-            grad = self.data.tied_grad(copy)
+        if self.tied_param is not None:  # the first or the last stage
+            grad = self.data.tied_grad(self.tied_param)
             if grad is not None:
                 comm.all_reduce_(grad, self.groups.embed)
 
@@ -286,9 +286,8 @@ class _Key:
 
 
 def _stage_forward(pipe: PipelineParallel, chunk, x):
-    if chunk.first:
-        return pipe.run_chunk(chunk, None, x)
-    return pipe.run_chunk(chunk, x, torch.zeros(x.shape[:2], dtype=torch.long, device=x.device))
+    inputs = x if chunk.first else torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+    return pipe.run_chunk(chunk, None if chunk.first else x, inputs, pipe.desc.side_inputs(pipe.model, inputs))
 
 
 def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
@@ -316,15 +315,16 @@ def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parall
                                   stage_layers=p.stage_layers, tokens_per_step=tokens_per_step,
                                   seq_shards=p.tp if p.sequence_parallel else 1)
     split_tie = tied and p.pp > 1
-    return ParallelModel(model, desc, groups, _data_strand(model, desc, groups, p, split_tie), tp, pipeline,
-                         split_tie)
+    copy = tied_copy(desc, model) if split_tie else None
+    return ParallelModel(model, desc, groups, _data_strand(model, desc, groups, p, copy), tp, pipeline,
+                         split_tie, copy)
 
 
 def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: ParallelConfig,
-                 split_tie: bool) -> DataParallelStrand:
-    """The data-parallel strand of ``p.zero``; under ZeRO a tied weight split over pipeline stages
-    gets storage of its own, so that its slices line up between the two stages."""
-    isolate = tied_copy(desc, model) if split_tie and p.zero else None
+                 tied: nn.Parameter | None) -> DataParallelStrand:
+    """The data-parallel strand of ``p.zero``; under ZeRO this rank's copy of a tied weight split
+    over pipeline stages gets storage of its own, so that its slices line up between the two stages."""
+    isolate = tied if p.zero else None
     if p.zero == 3:
         return Zero3(model, groups.dp, units=desc.block_list(model), isolate=isolate)
     if p.zero:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ class DataParallelStrand(abc.ABC):
 
     shards_grads: bool = False  # each dp rank holds a slice of every gradient: norms sum over dp
     segments: list[tuple[torch.Tensor, nn.Parameter]]  # (what the optimizer steps, its model parameter)
+    isolated: Mapping[int, torch.Tensor] = MappingProxyType({})  # sharding: id(isolated param) -> grad slice
 
     @abc.abstractmethod
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -52,11 +54,16 @@ class DataParallelStrand(abc.ABC):
     def zero_grad(self) -> None:
         """Zero the gradients for the next step, in place (never ``optimizer.zero_grad()``)."""
 
-    @abc.abstractmethod
     def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
         """The gradient of ``param`` as the optimizer will read it, which the parallel model sums
-        over the first and last pipeline stage (``groups.embed``) after ``finish`` (ZeRO: the slice
-        of the parameter built with ``isolate``, which lines up between the two stages)."""
+        over the first and last pipeline stage (``groups.embed``) after ``finish``: the whole
+        gradient, or under sharding the slice of the parameter built with ``isolate`` (its own
+        storage, so that the two stages' slices line up)."""
+        if not self.shards_grads:
+            return param.grad
+        if id(param) not in self.isolated:
+            raise ValueError("a sharding strand sums a tied weight's slices only for the parameter built with isolate=")
+        return self.isolated[id(param)]
 
     @abc.abstractmethod
     def param_bytes(self) -> int:
@@ -82,9 +89,14 @@ class DataParallelStrand(abc.ABC):
         yield
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups over ``segments``: weight decay on the segments of matrices (two
-        or more dimensions), none on norms and biases (a flat slice has lost its shape, so the
-        decision follows the model parameter)."""
-        decay = [seg for seg, src in self.segments if src.dim() >= 2]
-        other = [seg for seg, src in self.segments if src.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        """AdamW parameter groups over ``segments`` (``decay_groups``)."""
+        return decay_groups(self.segments, weight_decay)
+
+
+def decay_groups(pairs, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups over (tensor stepped, its model parameter) pairs: weight decay on
+    matrices (two or more dimensions), none on norms and biases. A flat slice has lost its shape,
+    so the decision follows the model parameter."""
+    pairs = [(t, src) for t, src in pairs if src.requires_grad]
+    return [{"params": [t for t, src in pairs if src.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [t for t, src in pairs if src.dim() < 2], "weight_decay": 0.0}]

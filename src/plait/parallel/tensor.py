@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import comm
 from ..errors import DescriptionError
-from ..models.description import IGNORE, ModelDescription, param_owner, set_module, tied_parameters
+from ..models.description import IGNORE, ModelDescription, param_owner, set_module, tied_parameters, within
 
 
 def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
@@ -298,28 +298,28 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
     for fact, value in desc.tp.divisible.items():
         if value % tp:
             raise DescriptionError(f"tp.divisible[{fact!r}]", value, f"must be divisible by parallel.tp={tp}")
+    styles = {n: s for n, _ in model.named_modules() if (s := desc.tp.style_of(n)) is not None}
     tied = list(tied_parameters(desc, model))
     for out_name, in_name in tied:  # one shard must serve both: both split by vocabulary, or neither
-        styles = {desc.tp.style_of(n.rpartition(".")[0]) for n in (out_name, in_name)}
-        if styles not in ({"vocab_embedding", "vocab_head"}, {None}):
+        pair = {styles.get(n.rpartition(".")[0]) for n in (out_name, in_name)}
+        if pair not in ({"vocab_embedding", "vocab_head"}, {None}):
             raise DescriptionError("tp.styles", f"{in_name}/{out_name}", "a tied pair must be styled "
                                    "vocab_embedding and vocab_head together, or neither")
-    vocab, has_head = _vocab_of(model, desc)
+    vocab, has_head = _vocab_of(model, styles)
     if sequence_parallel and not has_head:  # nothing would gather the sequence before the loss
         raise DescriptionError("tp.styles", "no vocab_head", "sequence parallel needs the output layer styled "
                                "vocab_head, which gathers the sequence before the outputs")
     padded = -(-vocab // tp) * tp if vocab else 0
     ctx = _Styling(group, tp, rank, sequence_parallel, padded)
-    for name, module in list(model.named_modules()):
-        style = desc.tp.style_of(name)
-        if style is not None:
-            ctx.apply(model, name, module, style)
+    for name, style in styles.items():
+        ctx.apply(model, name, model.get_submodule(name), style)
     for out_name, in_name in tied:
         set_module(model, out_name, model.get_parameter(in_name))
     if sequence_parallel:
         desc.block_list(model)[0].register_forward_pre_hook(lambda _m, args: (_scatter(args[0], group), *args[1:]))
-    partial = _partial(model, desc, ctx.sharded, sequence_parallel)
-    _track_random(model, desc, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
+    regions = [n for n, s in styles.items() if s == "region"]
+    partial = _partial(model, desc, styles, regions, ctx.sharded, sequence_parallel)
+    _track_random(model, desc, regions, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
     return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if has_head else 0,
                           rank * padded // tp if has_head else 0, padded)
 
@@ -333,29 +333,27 @@ def _scatter(x: torch.Tensor, group) -> torch.Tensor:
     return comm.scatter_seq(x, group)
 
 
-def _partial(model: nn.Module, desc: ModelDescription, sharded: dict, sequence_parallel: bool) -> frozenset[str]:
+def _partial(model: nn.Module, desc: ModelDescription, styles: dict[str, str], regions: list[str], sharded: dict,
+             sequence_parallel: bool) -> frozenset[str]:
     """Replicated parameters whose gradient is this rank's share: those inside a region (but a row
     layer's bias, added after the sum), and under sequence parallel every other one of the blocks
     and the output stage (they see 1/tp of the tokens)."""
-    regions = [n for n, _ in model.named_modules() if desc.tp.style_of(n) == "region"]
     owner = param_owner(desc)
     out = set()
     for name, _ in model.named_parameters():
         module = name.rpartition(".")[0]
-        in_region = any(module == r or module.startswith(r + ".") for r in regions)
-        row_bias = desc.tp.style_of(module) == "row"
-        if name not in sharded and ((in_region and not row_bias) or
-                                    (sequence_parallel and owner(name) in ("block", "output"))):
+        in_region = within(module, regions) and styles.get(module) != "row"
+        if name not in sharded and (in_region or (sequence_parallel and owner(name) in ("block", "output"))):
             out.add(name)
     return frozenset(out)
 
 
-def _vocab_of(model: nn.Module, desc: ModelDescription) -> tuple[int, bool]:
+def _vocab_of(model: nn.Module, styles: dict[str, str]) -> tuple[int, bool]:
     """Rows of the vocabulary-split layers (0 if there are none; they must agree), and whether
     the output layer is one of them (then the loss is vocabulary-parallel)."""
     sizes, head = set(), False
-    for name, module in model.named_modules():
-        style = desc.tp.style_of(name)
+    for name, style in styles.items():
+        module = model.get_submodule(name)
         if style == "vocab_embedding":
             sizes.add(module.num_embeddings)
         elif style == "vocab_head":
@@ -412,18 +410,18 @@ class _Styling:
         return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), None, g, entry=True, sequence_parallel=sp)
 
 
-def _track_random(model: nn.Module, desc: ModelDescription, sequence_parallel: bool, tracker: RNGTracker) -> None:
+def _track_random(model: nn.Module, desc: ModelDescription, regions: list[str], sequence_parallel: bool,
+                  tracker: RNGTracker) -> None:
     """Run on the tracked stream (per tp rank) what draws random numbers on this rank's shard: the
     description's ``sharded_random`` modules, dropout inside a region, and under sequence parallel
     the blocks' other dropout (each rank holds other tokens). Dropout that is off is left alone."""
-    regions = [n for n, _ in model.named_modules() if desc.tp.style_of(n) == "region"]
     wrapped: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped):
+        if within(name, wrapped):
             continue  # already on the tracked stream through a module around it
         sharded = any(fnmatch.fnmatchcase(name, pattern) for pattern in desc.tp.sharded_random)
-        if not sharded and isinstance(module, nn.Dropout) and module.p > 0 and name.startswith(desc.blocks + "."):
-            sharded = sequence_parallel or any(name.startswith(r + ".") for r in regions)
+        if not sharded and isinstance(module, nn.Dropout) and module.p > 0 and within(name, (desc.blocks,)):
+            sharded = sequence_parallel or within(name, regions)
         if sharded:
             tracker.wrap(module)
             wrapped.append(name)

@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import comm
-from .data import Bucket, GradBuckets, bucket_layout
+from .data import Bucket, GradBuckets, all_reduce_mean, bucket_layout
 from .flat import FlatLayout, flatten_into
 from .protocol import DataParallelStrand
 
@@ -59,7 +58,7 @@ class ZeroDataParallel(DataParallelStrand):
         self._shard_of = {id(b): sh for b, sh in zip(buckets, self.shards)}
         self.grads = GradBuckets(buckets, self._launch, hooked=True)
         self.segments = [seg for sh in self.shards for seg in sh.layout.segments(sh.layout.mine(sh.flat), sh.grad)]
-        self._isolated = {id(isolate): self.shards[-1].grad} if isolate is not None else {}
+        self.isolated = {id(isolate): self.shards[-1].grad} if isolate is not None else {}
 
     def _shard(self, layout: FlatLayout, bucket: Bucket) -> _Shard:
         flat = layout.zeros()
@@ -71,9 +70,9 @@ class ZeroDataParallel(DataParallelStrand):
     def _launch(self, b: Bucket):
         """backward, stage 1: all-reduce (mean) the bucket over dp; stage 2: reduce-scatter (mean)
         it, each rank receiving its slice."""
-        b.buffer.div_(self.dp)
         if self.stage < 2:
-            return comm.all_reduce_(b.buffer, self.group, async_op=True)
+            return all_reduce_mean(b, self.group, self.dp)
+        b.buffer.div_(self.dp)
         return dist.reduce_scatter_single(self._shard_of[id(b)].grad, b.buffer, group=self.group, async_op=True)
 
     def no_sync(self):
@@ -82,39 +81,25 @@ class ZeroDataParallel(DataParallelStrand):
     def finish(self) -> None:
         self.grads.finish()
         if self.stage >= 2:  # keep only this rank's slice of the gradients between steps
-            for b in self.grads.buckets:
-                b.buffer.untyped_storage().resize_(0)
+            self.grads.release()
 
     def begin_step(self) -> None:
         """Stage 2: re-create the full gradient buckets (zeroed) for this step's backward."""
-        if self.stage < 2:
-            return
-        for b in self.grads.buckets:
-            storage = b.buffer.untyped_storage()
-            if storage.size() == 0:
-                storage.resize_(b.buffer.numel() * b.buffer.element_size())
-                b.buffer.zero_()
-        self.grads.attach()
+        if self.stage >= 2:
+            self.grads.restore()
+            self.grads.attach()
 
     def zero_grad(self) -> None:
-        if self.stage >= 2:
-            for sh in self.shards:
-                sh.grad.zero_()
-            return
-        for b in self.grads.buckets:
-            b.buffer.zero_()
-        self.grads.attach()
+        if self.stage < 2:
+            return self.grads.zero()
+        for sh in self.shards:
+            sh.grad.zero_()
 
     def after_step(self) -> None:
         """All-gather every bucket's parameters from the updated slices (over dp)."""
         for sh in self.shards:
             mine = sh.layout.mine(sh.flat).clone()
             dist.all_gather_single(sh.flat, mine, group=self.group)
-
-    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
-        if id(param) not in self._isolated:
-            raise ValueError("ZeRO sums a tied weight's slices only for the parameter built with isolate=")
-        return self._isolated[id(param)]
 
     def grad_bytes(self) -> int:
         """Gradient bytes held now: the full buckets (stage 1, or stage 2 during a step) and the

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import views_of
-from .flat import FlatLayout, flatten_into
+from ..errors import ConfigError
+from .flat import FlatLayout, flatten_into, release, restore
 from .protocol import DataParallelStrand
 
 
@@ -49,15 +50,6 @@ class Unit:
         return self.layout.params
 
 
-def _release(t: torch.Tensor) -> None:
-    t.untyped_storage().resize_(0)
-
-
-def _restore(t: torch.Tensor) -> None:
-    if t.untyped_storage().size() == 0:
-        t.untyped_storage().resize_(t.numel() * t.element_size())
-
-
 class Zero3(DataParallelStrand):
     """Parameter, gradient and optimizer-state sharding over ``group`` (see the module docstring)."""
 
@@ -77,7 +69,7 @@ class Zero3(DataParallelStrand):
         self.kept_units = [self._unit(ps) for ps in kept]
         for unit in self.kept_units:
             unit.keep = True  # the root, and an isolated parameter's unit: gathered for the whole step
-        self._isolated = {id(isolate): self.kept_units[-1].shard_grad} if isolate is not None else {}
+        self.isolated = {id(isolate): self.kept_units[-1].shard_grad} if isolate is not None else {}
         for block, unit in zip(units, self.units):
             block.register_forward_pre_hook(lambda _m, _a, u=unit: self._gather(u))
             block.register_forward_hook(lambda _m, _a, out, u=unit: self._after_forward(u, out))
@@ -92,15 +84,15 @@ class Zero3(DataParallelStrand):
 
     def _unit(self, params: list[nn.Parameter]) -> Unit:
         if len({(p.dtype, p.device) for p in params}) > 1:
-            raise ValueError(f"ZeRO-3 lays a block's parameters out in one flat buffer: they need one dtype and "
-                             f"device, not {sorted({str(p.dtype) for p in params})}")
+            raise ConfigError("parallel.zero", 3, "ZeRO-3 lays a block's parameters out in one flat buffer: they need "
+                              f"one dtype and device, not {sorted({str(p.dtype) for p in params})}")
         layout = FlatLayout(tuple(params), self.dp, self.rank)
         full = layout.zeros()
         flatten_into(params, full)
         alias = torch.empty(0, dtype=full.dtype, device=full.device).set_(full.untyped_storage(), 0, full.shape)
         unit = Unit(layout, full, alias, layout.zeros(), layout.mine(full).clone(), layout.zeros(shard=True))
-        _release(unit.full)
-        _release(unit.grad)
+        release(unit.full)
+        release(unit.grad)
         return unit
 
     # ---------------------------------------------------------------- gather / free
@@ -109,14 +101,14 @@ class Zero3(DataParallelStrand):
         """forward and backward: all-gather the unit's parameters over dp (no-op if gathered)."""
         if u.gathered:
             return
-        _restore(u.full)
+        restore(u.full)
         dist.all_gather_single(u.alias, u.shard, group=self.group)
         u.gathered = True
 
     def _free(self, u: Unit, force: bool = False) -> None:
         """Release the unit's full parameters (a kept unit only when ``force``)."""
         if u.gathered and (force or not u.keep):
-            _release(u.full)
+            release(u.full)
             u.gathered = False
 
     def _after_forward(self, u: Unit, out: torch.Tensor) -> None:
@@ -127,7 +119,7 @@ class Zero3(DataParallelStrand):
     def _prepare_grads(self, u: Unit) -> None:
         """Before the unit's backward: a zeroed full gradient buffer that .grad views into."""
         if u.grad.untyped_storage().size() == 0:
-            _restore(u.grad)
+            restore(u.grad)
             u.grad.zero_()
             for p, view in zip(u.params, views_of(u.params, u.grad)):
                 p.grad = view
@@ -147,7 +139,7 @@ class Zero3(DataParallelStrand):
         u.shard_grad.add_(part)
         for p in u.params:
             p.grad = None
-        _release(u.grad)
+        release(u.grad)
 
     # ---------------------------------------------------------------- the step, as DataParallel's
 
@@ -190,11 +182,6 @@ class Zero3(DataParallelStrand):
         finally:
             for u in self.all_units:
                 self._free(u, force=True)
-
-    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
-        if id(param) not in self._isolated:
-            raise ValueError("ZeRO-3 sums a tied weight's slices only for the parameter built with isolate=")
-        return self._isolated[id(param)]
 
     def grad_bytes(self) -> int:
         return sum(u.shard_grad.numel() * u.shard_grad.element_size() + u.grad.untyped_storage().nbytes()

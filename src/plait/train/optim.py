@@ -11,21 +11,17 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..parallel.protocol import decay_groups
 
 
-def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Weight decay on parameters of two or more dims, none on norms and biases."""
-    params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def plain_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Parameter groups of an unsplit model's parameters, by the same rule as a parallel model's
+    ``param_groups``: weight decay on matrices, none on norms and biases."""
+    return decay_groups([(p, p) for p in params], weight_decay)
 
 
-def build_optimizer(groups: list[dict] | Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over parameter groups (a parallel model's ``param_groups``), or over plain parameters
-    split by ``decay_groups``."""
-    groups = list(groups)
-    if not groups or not isinstance(groups[0], dict):
-        groups = decay_groups(groups, cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over parameter groups (a parallel model's ``param_groups``, or ``plain_groups``)."""
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import comm
 from ..config import RunConfig, microbatches, step_tokens, to_toml
 from ..models import build, generate, num_params
-from ..parallel.hybrid import parallelize
+from ..models.description import ModelDescription
+from ..parallel.hybrid import ParallelModel, parallelize
 from ..seeds import seed_for
 from ..topology import Groups, Topology, build_groups, setup_logging
 from .checkpoint import Checkpointer
@@ -66,6 +68,26 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def fresh_model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, ModelDescription]:
+    """The model of ``cfg`` and its description, the same on every rank (seeded), on ``device``
+    in the run's parameter dtype (on the meta device: shapes only, nothing allocated)."""
+    torch.manual_seed(seed_for(cfg.train.seed, "init"))
+    with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+        model, desc = build(cfg.model)
+    return model.to(device=device, dtype=param_dtype(cfg)), desc
+
+
+def build_parallel(cfg: RunConfig, groups: Groups, device: torch.device) -> tuple[ParallelModel, int]:
+    """A fresh model of ``cfg`` split by its layout (its description checked on a sample batch
+    first, but on the meta device), and the whole model's parameter count."""
+    model, desc = fresh_model(cfg, device)
+    n = num_params(model)
+    sample = None if device.type == "meta" else torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
+    pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg),
+                     sample=sample)
+    return pm, n
+
+
 class Trainer:
     """Model, optimizer and data of one rank; ``step()`` is one optimizer step."""
 
@@ -74,13 +96,7 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.groups = groups or build_groups(Topology.of(p), device.type)
         self.coord = self.groups.coord
-        torch.manual_seed(seed_for(t.seed, "init"))  # identical initial weights on every rank
-        model, desc = build(cfg.model)
-        model = model.to(device=device, dtype=param_dtype(cfg))
-        self.model_params = num_params(model)  # the whole model's, before it is split
-        sample = torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
-        self.pm = parallelize(model, desc, self.groups, p, seed=t.seed, tokens_per_step=step_tokens(cfg),
-                              sample=sample)
+        self.pm, self.model_params = build_parallel(cfg, self.groups, device)  # params: the whole model's
         self.model = self.pm.module
         self.optimizer = build_optimizer(self.pm.param_groups(t.weight_decay), t)
         torch.manual_seed(seed_for(t.seed, "dropout", dp_rank=self.coord.dp_rank, pp_rank=self.coord.pp_rank))

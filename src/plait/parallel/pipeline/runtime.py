@@ -93,6 +93,9 @@ class PipelineParallel:
         self.stage_sizes = stage_sizes  # blocks per global stage, for reports
         self.blocks = getattr(model, desc.blocks)  # a ModuleDict of this rank's blocks
         self._micro: list = []  # the running step's micro-batches (receive shapes come from them)
+        self._sides: dict[int, dict] = {}  # the running step's side inputs, by micro-batch
+        self._params = [[p for mod in self.chunk_modules(c) for p in mod.parameters() if p.requires_grad]
+                        for c in range(len(chunks))]  # each chunk's trained parameters (zero bubble's W)
         self.trace: list[tuple[Action, float, float]] | None = None  # (action, start, end) when recording
         self._mark = 0.0
         self._sends: list = []  # sends outside a training step (forward only), waited at its end
@@ -150,9 +153,10 @@ class PipelineParallel:
         raise RuntimeError(f"pipeline: transfer {upto} is not in the agreed order with pipeline rank {peer}")
 
     def _send(self, t: torch.Tensor, msg: Message) -> None:
-        if tuple(t.shape) != self._shape(msg):  # the receiver's buffer has the described shape
+        want = self._shape(msg)
+        if tuple(t.shape) != want:  # the receiver's buffer has the described shape
             raise DescriptionError("hidden", tuple(t.shape), f"a pipeline stage must pass (micro-batch, sequence, "
-                                   f"hidden) = {self._shape(msg)}: check hidden, and that blocks keep the shape")
+                                   f"hidden) = {want}: check hidden, and that blocks keep the shape")
         t = t.detach().to(self.dtype).contiguous()
         if self.sends is None:  # forward only
             self._sends.append((dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg)), t))
@@ -192,11 +196,10 @@ class PipelineParallel:
 
     # ---------------------------------------------------------------- compute
 
-    def run_chunk(self, chunk: Chunk, x: torch.Tensor | None, inputs) -> torch.Tensor:
+    def run_chunk(self, chunk: Chunk, x: torch.Tensor | None, inputs, side: dict) -> torch.Tensor:
         """The chunk's part of the model's own forward: the input stage (first stage; ``x`` is
-        unused), the chunk's blocks with the side inputs, the output stage (last stage)."""
+        unused), the chunk's blocks with the micro-batch's side inputs, the output stage (last stage)."""
         m, d = self.model, self.desc
-        side = d.side_inputs(m, inputs)
         if chunk.first:
             x = d.embed(m, inputs)  # (b, S, H)
         for key in chunk.blocks:
@@ -208,7 +211,9 @@ class PipelineParallel:
         x, y = ctx.micro[a.mb]
         inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, a.mb)).requires_grad_()
         with ctx.measure(a), ctx.autocast():
-            out = self.run_chunk(chunk, inp, x)
+            if a.mb not in self._sides:  # built once a step: a rank's chunks share them
+                self._sides[a.mb] = self.desc.side_inputs(self.model, x)
+            out = self.run_chunk(chunk, inp, x, self._sides[a.mb])
             if chunk.last:
                 loss = ctx.loss_fn(out, y)
                 ctx.total += loss.detach()
@@ -233,7 +238,7 @@ class PipelineParallel:
         chunk, live = self.chunks[a.chunk], self._live[(a.mb, a.chunk)]
         live.grad = self._out_grad(chunk, a.mb, live.out)
         if live.inp is not None:
-            g, live.weight_grad = input_grad(live.out, live.grad, live.inp, self._chunk_params(a.chunk))
+            g, live.weight_grad = input_grad(live.out, live.grad, live.inp, self._params[a.chunk])
             live.grad = None  # W needs only what input_grad kept
             self._send(g, (GRAD, chunk.stage - 1, a.mb))
 
@@ -242,7 +247,7 @@ class PipelineParallel:
         if live.weight_grad is not None:
             live.weight_grad()
         else:  # the first stage: no input gradient, so I did nothing and W is the whole backward
-            torch.autograd.backward(live.out, live.grad, inputs=self._chunk_params(a.chunk))
+            torch.autograd.backward(live.out, live.grad, inputs=self._params[a.chunk])
         ctx.release(a)
 
     def chunk_modules(self, c: int) -> list[nn.Module]:
@@ -253,8 +258,6 @@ class PipelineParallel:
         mods += stage_modules(self.desc, self.model, "input") if chunk.first else []
         return mods + (stage_modules(self.desc, self.model, "output") if chunk.last else [])
 
-    def _chunk_params(self, c: int) -> list[nn.Parameter]:
-        return [p for mod in self.chunk_modules(c) for p in mod.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- steps
 
@@ -278,6 +281,7 @@ class PipelineParallel:
                 self.trace.append((a, self._mark, time.perf_counter()))
         self.sends.finish()
         self.sends, self.last_sends, self._micro = None, self.sends, []
+        self._sides.clear()
         return ctx.total / len(ctx.micro)
 
     @torch.no_grad()
@@ -287,10 +291,12 @@ class PipelineParallel:
         outs = []
         for x, y in ctx.micro:
             self._micro = [(x, y)]  # every message of this micro-batch is number 0
+            with ctx.autocast():
+                side = self.desc.side_inputs(self.model, x)
             for chunk in self.chunks:
                 inp = None if chunk.stage == 0 else self._recv((ACT, chunk.stage, 0))
                 with ctx.autocast():
-                    out = self.run_chunk(chunk, inp, x)
+                    out = self.run_chunk(chunk, inp, x, side)
                 if chunk.last:
                     outs.append(out)
                 else:
