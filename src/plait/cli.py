@@ -7,6 +7,7 @@ line and exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -53,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the layout on the meta device and print per-rank model-state bytes; no training")
     train.add_argument("--timeline", type=int, default=0, metavar="STEP",
                        help="record pipeline step STEP: timeline.png/.json, measured beside simulated")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest good checkpoint, with its saved config "
+                            "(the layout, train.steps, checkpoint.* and logging keys may be changed)")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                       help="when a process dies, stop all and restart from the newest good checkpoint, "
+                            "up to R times (under torchrun: torchrun's own --max-restarts)")
+    export = sub.add_parser("export", help="write a checkpoint's model as one safetensors file and its JSON config")
+    export.add_argument("--ckpt", required=True,
+                        help="a run folder (its newest good checkpoint) or a checkpoint folder")
+    export.add_argument("--out", required=True, help="the .safetensors file to write (the config goes beside it, "
+                        ".json)")
     verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
     _config_args(verify)
     verify.add_argument("--layouts", help='";"-separated layouts of comma-separated key=value (parallel/train '
@@ -133,30 +145,111 @@ def out_dir(arg: str | None, check: bool = True) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .launch import run_in_process, run_local, threads_per_process
+    from .launch import run_in_process
     from .train.data import load_corpus
     from .train.trainer import RunOptions, train_worker, write_config
 
-    cfg = load_config(args)
+    if args.max_restarts < 0:
+        raise ConfigError("--max-restarts", args.max_restarts, "must be 0 or more")
+    resume = args.resume or _torchrun_restart()
+    cfg = _resume_config(args) if resume else load_config(args)
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
     if args.dry_run:
         return _dry_run(cfg, nproc)
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
-    out = out_dir(args.out, check=rank == 0)
+    out = out_dir(args.out, check=rank == 0 and not resume)
+    start = _newest_checkpoint(out, required=args.resume) if resume else None
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
     opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample,
-                      timeline_step=args.timeline)
+                      timeline_step=args.timeline, resume=start)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
     if _torchrun():
         result = run_in_process(train_worker, (cfg, opts))
-    else:  # each process its share of the cores
-        result = run_local(train_worker, nproc, (cfg, opts), threads=threads_per_process(nproc))[0]
+    else:
+        result = _run_with_restarts(train_worker, nproc, cfg, opts, args.max_restarts)
     if result is not None:
         _report(result)
+    return 0
+
+
+RESUMABLE = ("parallel.", "train.steps", "train.log_every", "train.eval_every", "checkpoint.")
+
+
+def _resume_config(args: argparse.Namespace) -> C.RunConfig:
+    """The config saved in --out, with the overrides a resumed run may make (the layout, the
+    step count, checkpoints, logging); any other key given with another value is refused."""
+    if not args.out:
+        raise ConfigError("--resume", True, "continues the run in --out DIR: give --out")
+    saved_file = Path(args.out).expanduser() / "config.toml"
+    if not saved_file.is_file():
+        raise ConfigError("--resume", args.out, "holds no run (no config.toml): give the --out folder of a run")
+    saved = C.load(saved_file)
+    sets = list(args.set) + [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
+                             if getattr(args, flag) is not None]
+    keys = {item.split("=", 1)[0].strip() for item in sets}
+    if {"parallel.tp", "parallel.pp"} & keys and "parallel.dp" not in keys:  # dp follows from the processes
+        saved = dataclasses.replace(saved, parallel=dataclasses.replace(saved.parallel, dp=0))
+    cfg = C.load(args.config, sets, saved)
+    wanted, had = C.to_dict(cfg), C.to_dict(saved)
+    for section, values in wanted.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if value != had[section][key] and not name.startswith(RESUMABLE):
+                raise ConfigError(name, value, f"a resumed run keeps its saved config ({had[section][key]!r} in "
+                                  f"{saved_file}); only the layout (parallel.*), train.steps, checkpoint.* and "
+                                  "logging keys may change")
+    return cfg
+
+
+def _newest_checkpoint(out: Path, required: bool) -> Path | None:
+    """The newest good checkpoint of the run in ``out`` (damaged newer ones are reported and skipped)."""
+    from .checkpoint import newest_good
+
+    found = newest_good(out / "checkpoints", say=lambda text: print(f"plait: {text}", file=sys.stderr))
+    if found is None and required:
+        raise ConfigError("--resume", str(out), "holds no complete checkpoint (checkpoints/step_*): nothing to "
+                          "resume; start the run without --resume")
+    return found
+
+
+def _torchrun_restart() -> bool:
+    """Under torchrun, a restarted worker group (torchrun's --max-restarts) resumes by itself."""
+    return _torchrun() and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _run_with_restarts(worker, nproc: int, cfg: C.RunConfig, opts, max_restarts: int):
+    """Run the local processes; when one dies, all are stopped and the run restarts from the newest
+    good checkpoint, up to ``max_restarts`` times. Returns rank 0's result."""
+    from .launch import run_local, threads_per_process
+
+    for attempt in range(max_restarts + 1):
+        try:  # each process its share of the cores
+            return run_local(worker, nproc, (cfg, opts), threads=threads_per_process(nproc))[0]
+        except WorkerFailed as e:
+            if attempt == max_restarts:
+                raise
+            start = _newest_checkpoint(opts.out, required=False)
+            opts = dataclasses.replace(opts, resume=start)
+            where = f"step {manifest_step(start)}" if start else "the start (no checkpoint yet)"
+            print(f"plait: {e}; restart {attempt + 1} of {max_restarts}, resuming from {where}", file=sys.stderr)
+    return None
+
+
+def manifest_step(path: Path) -> int:
+    from .checkpoint.store import manifest
+
+    return int(manifest(path)["step"])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint.export import export
+
+    out = export(Path(args.ckpt).expanduser(), Path(args.out).expanduser())
+    print(f"exported {out['params']:,} parameters of step {out['step']} to {args.out} (config: {out['config']})")
     return 0
 
 
@@ -243,7 +336,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "verify": cmd_verify, "bench": cmd_bench, "schedule": cmd_schedule}
+COMMANDS = {"train": cmd_train, "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench,
+            "schedule": cmd_schedule}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,16 @@ class FlatLayout:
             offset += p.numel()
         return out
 
+    def starts(self) -> list[int]:
+        """For each of ``segments``, the index of its first element in its parameter's flat order."""
+        lo, hi = self.rank * self.size, (self.rank + 1) * self.size
+        out, offset = [], 0
+        for p in self.params:
+            if max(lo, offset) < min(hi, offset + p.numel()):
+                out.append(max(lo, offset) - offset)
+            offset += p.numel()
+        return out
+
 
 def release(t: torch.Tensor) -> None:
     """Free ``t``'s storage, keeping the tensor (and every view of it) to be restored later."""

@@ -216,10 +216,6 @@ class ParallelModel:
         dist.broadcast(logits, last, group=self.groups.pp)
         return logits
 
-    def checkpoint_shards(self) -> tuple | None:
-        """``(tp_mesh, {name: (dim, size)})`` of the tensor-parallel shards, for checkpoints."""
-        return (self.tp.mesh, self.tp.sharded) if self.tp is not None else None
-
     # ---------------------------------------------------------------- what this rank holds
 
     @property

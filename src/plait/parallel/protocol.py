@@ -88,6 +88,12 @@ class DataParallelStrand(abc.ABC):
         """The whole local model readable (ZeRO-3 gathers its parameters; others hold them)."""
         yield
 
+    def places(self) -> list[tuple[torch.Tensor, int, nn.Parameter]]:
+        """``(segment, start, parameter)`` for each of ``segments``: the segment holds the parameter's
+        elements from ``start`` on, in its flat order (0 and the whole parameter without sharding).
+        Checkpoints name every piece by it (``checkpoint/pieces.py``)."""
+        return [(seg, 0, src) for seg, src in self.segments]
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups over ``segments`` (``decay_groups``)."""
         return decay_groups(self.segments, weight_decay)

@@ -239,6 +239,7 @@ class TensorParallel:
     vocab: int = 0  # of the vocab_head (0: none; the loss is then not vocabulary-parallel)
     vocab_start: int = 0
     padded_vocab: int = 0
+    rng: RNGTracker | None = None  # the stream of sharded dropout (its state is checkpointed)
 
     @property
     def vocab_parallel(self) -> bool:
@@ -319,9 +320,10 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
         desc.block_list(model)[0].register_forward_pre_hook(lambda _m, args: (_scatter(args[0], group), *args[1:]))
     regions = [n for n, s in styles.items() if s == "region"]
     partial = _partial(model, desc, styles, regions, ctx.sharded, sequence_parallel)
-    _track_random(model, desc, regions, sequence_parallel, RNGTracker(seed, next(model.parameters()).device))
+    tracker = RNGTracker(seed, next(model.parameters()).device)
+    _track_random(model, desc, regions, sequence_parallel, tracker)
     return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if has_head else 0,
-                          rank * padded // tp if has_head else 0, padded)
+                          rank * padded // tp if has_head else 0, padded, tracker)
 
 
 def _scatter(x: torch.Tensor, group) -> torch.Tensor:

@@ -59,6 +59,10 @@ class ZeroDataParallel(DataParallelStrand):
         self.grads = GradBuckets(buckets, self._launch, hooked=True)
         self.segments = [seg for sh in self.shards for seg in sh.layout.segments(sh.layout.mine(sh.flat), sh.grad)]
         self.isolated = {id(isolate): self.shards[-1].grad} if isolate is not None else {}
+        self._starts = [start for sh in self.shards for start in sh.layout.starts()]
+
+    def places(self) -> list[tuple[torch.Tensor, int, nn.Parameter]]:
+        return [(seg, start, src) for (seg, src), start in zip(self.segments, self._starts)]
 
     def _shard(self, layout: FlatLayout, bucket: Bucket) -> _Shard:
         flat = layout.zeros()

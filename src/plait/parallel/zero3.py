@@ -77,6 +77,10 @@ class Zero3(DataParallelStrand):
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(lambda _p, u=unit: self._grad_ready(u))
         self.segments = [seg for u in self.all_units for seg in u.layout.segments(u.shard, u.shard_grad)]
+        self._starts = [start for u in self.all_units for start in u.layout.starts()]
+
+    def places(self) -> list[tuple[torch.Tensor, int, nn.Parameter]]:
+        return [(seg, start, src) for (seg, src), start in zip(self.segments, self._starts)]
 
     @property
     def all_units(self) -> list[Unit]:

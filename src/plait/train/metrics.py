@@ -71,25 +71,42 @@ class ActivationMeter:
         self._held -= self._live.pop(key, 0)
 
 
+def kept_rows(path: Path, start: int) -> list[dict]:
+    """The rows of ``path`` up to step ``start``, rewritten in place (all of them dropped when 0)."""
+    rows = []
+    if start and path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if row.get("step", 0) <= start:
+                    rows.append(row)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return rows
+
+
 class MetricsWriter:
     """Rank 0's sink: one JSON object a step in metrics.jsonl, TensorBoard scalars, progress bar."""
 
-    def __init__(self, out: Path, total_steps: int, progress: bool = True, log_every: int = 10):
+    def __init__(self, out: Path, total_steps: int, progress: bool = True, log_every: int = 10, start: int = 0):
+        """``start``: the step a resumed run continues from; rows after it (written by the run that
+        stopped) are dropped from metrics.jsonl and TensorBoard, so the run keeps one history."""
         self.out, self.total, self.log_every = out, total_steps, log_every
-        self.rows: list[dict] = []
+        self.rows: list[dict] = kept_rows(out / "metrics.jsonl", start)
         self._file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
-        self._tb = self._tensorboard(out)
-        self._bar = tqdm(total=total_steps, desc="training", unit="step", disable=not progress,
-                         mininterval=1.0, dynamic_ncols=True)
+        self._tb = self._tensorboard(out, start)
+        self._bar = tqdm(total=total_steps, initial=min(start, total_steps), desc="training", unit="step",
+                         disable=not progress, mininterval=1.0, dynamic_ncols=True)
 
     @staticmethod
-    def _tensorboard(out: Path):
+    def _tensorboard(out: Path, start: int):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard missing: keep training, say so once
             log.warning("tensorboard is not installed; no tb/ events will be written")
             return None
-        return SummaryWriter(str(out / "tb"))
+        return SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

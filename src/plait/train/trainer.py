@@ -10,6 +10,7 @@ One optimizer step (``Trainer.step``) reads top to bottom:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -20,13 +21,13 @@ import torch
 from torch import nn
 
 from .. import comm
+from ..checkpoint import Checkpointer, restore
 from ..config import RunConfig, microbatches, step_tokens, to_toml
 from ..models import build, generate, num_params
 from ..models.description import ModelDescription
 from ..parallel.hybrid import ParallelModel, parallelize
 from ..seeds import seed_for
 from ..topology import Groups, Topology, build_groups, setup_logging
-from .checkpoint import Checkpointer
 from .data import Corpus, Sampler, load_corpus, val_batches
 from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes
 from .optim import build_optimizer, lr_at, set_lr
@@ -44,6 +45,7 @@ class RunOptions:
     sample_tokens: int = 0  # generate this many bytes at the end (rank 0)
     sample_prompt: str = "def "
     timeline_step: int = 0  # record this step's pipeline actions (1-based); 0: off
+    resume: Path | None = None  # a checkpoint folder to continue from
 
 
 @dataclass
@@ -173,7 +175,8 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     if lead and opts.out and pipe is not None:
         log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe["schedule"],
                  microbatches(cfg), pipe["stage_sizes"])
-    result = _loop(trainer, opts, lead)
+    start = _resume(trainer, opts.resume, lead) if opts.resume else 0
+    result = _loop(trainer, opts, lead, start)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp
     if opts.sample_tokens and trainer.coord.dp_rank == 0:  # every tp rank of one replica
@@ -181,20 +184,45 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     return result if lead else None
 
 
-def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
+def layout_of(cfg: RunConfig) -> dict:
+    """The parallel layout as plain data (what a checkpoint records, to tell a resumed run whether
+    its random streams still apply)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg.parallel)))
+
+
+def _resume(trainer: Trainer, path: Path, lead: bool) -> int:
+    """Load the checkpoint at ``path`` (any layout) and return its step. At the same layout every
+    rank's random streams continue where they were; at another the dropout stream is re-seeded."""
+    from ..checkpoint.store import manifest
+
+    cfg, c = trainer.cfg, trainer.coord
+    saved = manifest(path).get("layout", {})
+    same = saved == layout_of(cfg)
+    info = restore(path, trainer.pm, trainer.optimizer, same_layout=same)
+    step = int(info["step"])
+    if not same:
+        torch.manual_seed(seed_for(cfg.train.seed, "dropout", dp_rank=c.dp_rank, pp_rank=c.pp_rank) + step)
+    trainer.sampler.load_state_dict({"step": int(info.get("data_step", step))})
+    if lead:
+        how = "at the same layout" if same else "resharded from " + ", ".join(
+            f"{k}={saved.get(k)}" for k in ("dp", "tp", "pp", "zero", "virtual_stages") if k in saved)
+        log.info("resumed from %s (step %d) %s", path, step, how)
+    return step
+
+
+def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> TrainResult:
     cfg = trainer.cfg
     steps, every = cfg.train.steps, cfg.train.eval_every
-    writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every) if lead and opts.out else None
-    ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every,
-                        cfg.checkpoint.keep, cfg.checkpoint.async_)
+    writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every, start) if lead and opts.out else None
+    ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every, cfg.checkpoint.keep,
+                        cfg.checkpoint.async_, {"layout": layout_of(cfg), "config": to_toml(cfg)})
     result = TrainResult(out=str(opts.out) if opts.out else None)
-    if lead and cfg.parallel.zero and ckpt.root is not None:
-        log.warning("parallel.zero=%d: checkpoints hold the model but not the optimizer's slices; "
-                    "a resumed run starts its Adam moments afresh", cfg.parallel.zero)
     evaluating = every > 0 and len(trainer.corpus.val) > cfg.model.seq_len
-    if evaluating:
+    if evaluating and start == 0:
         _record_val(trainer, writer, result, {"step": 0})
-    for step in range(steps):
+    if lead and start >= steps:
+        log.info("the run is already at step %d of train.steps=%d: nothing to train", start, steps)
+    for step in range(start, steps):
         recording = step + 1 == opts.timeline_step and trainer.pm.pipeline_summary() is not None
         if recording:
             trainer.pm.record_actions()
@@ -208,10 +236,7 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool) -> TrainResult:
         elif writer:
             writer.write(row)
         if ckpt.due(row["step"], steps):
-            optimizer = None if cfg.parallel.zero else trainer.optimizer  # ZeRO slices: not yet checkpointed
-            with trainer.pm.gathered():
-                ckpt.save(row["step"], trainer.model, optimizer, {"sampler": trainer.sampler.state_dict()},
-                          trainer.pm.checkpoint_shards())
+            ckpt.save(row["step"], trainer.pm, trainer.optimizer, {"data_step": row["step"]})
     ckpt.wait()
     if writer:
         writer.close()

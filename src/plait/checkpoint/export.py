@@ -1,0 +1,104 @@
+"""A checkpoint's model for one process: ``plait export`` and loading for inference.
+
+``export`` reads every ``model.*`` tensor of a checkpoint whole (whatever layout wrote it) and
+writes them to one safetensors file, named as in the unsplit model (a tied weight once, under its
+input name), with ``FILE.json`` beside it: the run's config and step. Only tensors and plain data
+are read back: safetensors and JSON, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import config as C
+from ..errors import ConfigError
+from ..models.description import ModelDescription
+from .store import full_model_state, manifest, resolve
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EXPORT_FORMAT = "plait-export-1"
+
+
+def _config(text: str) -> C.RunConfig:
+    return C.from_dict(tomllib.loads(text))
+
+
+def read_checkpoint(path: Path) -> tuple[C.RunConfig, int, dict[str, torch.Tensor]]:
+    """(config, step, whole model tensors by name) of a run folder, a checkpoint folder or an export."""
+    if path.is_file() or path.suffix == ".safetensors":
+        return _read_export(path)
+    folder = resolve(path)
+    info = manifest(folder)
+    return _config(info["config"]), int(info["step"]), full_model_state(folder)
+
+
+def _read_export(path: Path) -> tuple[C.RunConfig, int, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    side = path.with_suffix(".json")
+    if not path.is_file() or not side.is_file():
+        raise ConfigError("--ckpt", str(path), f"an export needs the .safetensors file and its {side.name} beside it")
+    try:
+        info = json.loads(side.read_text())
+        cfg = C.from_dict(info["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError("--ckpt", str(side), f"not an export's config ({type(e).__name__}: {e})") from None
+    return cfg, int(info.get("step", 0)), load_file(str(path))
+
+
+def load_into(model: nn.Module, desc: ModelDescription, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` (the unsplit model's names, a tied weight once) into ``model``; a missing or
+    differently shaped tensor is refused in one line, naming it."""
+    tied = {out: inp for out, inp in desc.tied}
+    wanted = model.state_dict()
+    for name, t in wanted.items():
+        src = state.get(tied.get(name, name))
+        if src is None:
+            raise ConfigError("checkpoint", where, f"holds no tensor {name!r}: it was saved from another model")
+        if tuple(src.shape) != tuple(t.shape):
+            raise ConfigError("checkpoint", where, f"tensor {name!r} is {list(src.shape)} there but {list(t.shape)} "
+                              "in this model: it was saved from a model of another shape")
+    with torch.no_grad():
+        for name, t in wanted.items():
+            t.copy_(state[tied.get(name, name)])
+
+
+def load_for_inference(path: str | Path) -> tuple[C.RunConfig, nn.Module, ModelDescription]:
+    """The run's config and its whole model (CPU, in the dtype it was saved in) with its description,
+    from a run folder (its newest good checkpoint), a checkpoint folder or an exported file."""
+    from ..models import build
+
+    cfg, _, state = read_checkpoint(Path(path).expanduser())
+    model, desc = build(cfg.model)
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    model = model.to(dtype)
+    load_into(model, desc, state, str(path))
+    return cfg, model.eval(), desc
+
+
+def export(path: Path, out: Path) -> dict:
+    """Write the model of the checkpoint at ``path`` to ``out`` (safetensors) and its config to
+    ``out`` with the suffix ``.json``; returns what was written."""
+    from safetensors.torch import save_file
+
+    from ..models import build
+
+    if out.suffix != ".safetensors":
+        raise ConfigError("--out", str(out), "name the file FILE.safetensors")
+    cfg, step, state = read_checkpoint(path)
+    model, desc = build(cfg.model)
+    load_into(model, desc, state, str(path))  # checks names and shapes against the config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": EXPORT_FORMAT})
+    side = out.with_suffix(".json")
+    side.write_text(json.dumps({"format": EXPORT_FORMAT, "step": step, "config": C.to_dict(cfg)}, indent=1))
+    return {"params": sum(v.numel() for v in state.values()), "step": step, "config": str(side)}

@@ -1,0 +1,223 @@
+"""Checkpoint folders: written under a temporary name, committed when complete, checked when read.
+
+``checkpoints/step_NNNNNN/`` is a DCP checkpoint (``state.py``) plus ``plait.json``: the step, the
+data position, the layout, the run's config, and the size and SHA-256 of every file. Rank 0 writes
+``plait.json`` after DCP has gathered every rank's writes, then renames ``.step_NNNNNN.tmp`` to
+``step_NNNNNN``; a folder without it, or with a file of another size or hash (cut short, a flipped
+byte), is not a checkpoint and is skipped, with a log line, in favour of the one before. Pruning
+to ``checkpoint.keep`` runs after a commit, so the newest complete checkpoint is never removed
+before a newer one is complete.
+
+With ``checkpoint.async = true`` the state is copied to the CPU and written by a background thread
+(its collectives on a process group of its own), while training goes on; the next save, and the
+end of the run, wait for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from ..errors import ConfigError
+from .state import (
+    PieceLoadPlanner,
+    Pieces,
+    PieceSavePlanner,
+    check_shapes,
+    prepare_optimizer,
+    rng_state,
+    set_rng_state,
+    training_state,
+)
+
+log = logging.getLogger(__name__)
+MANIFEST = "plait.json"
+FORMAT = 1
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, dict]:
+    return {f.name: {"bytes": f.stat().st_size, "sha256": _hash(f)}
+            for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, intact checkpoint, or None if it is."""
+    try:
+        info = json.loads((folder / MANIFEST).read_text())
+        files = info["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (never committed)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} holds {f.stat().st_size} bytes, {want['bytes']} were written"
+        if _hash(f) != want["sha256"]:
+            return f"{name} is corrupted (its SHA-256 differs from the one written)"
+    return None
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint folders under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists())
+
+
+def newest_good(root: Path, say=log.warning) -> Path | None:
+    """The newest intact checkpoint under ``root`` (checked file by file); each damaged one newer
+    than it is reported through ``say`` and skipped."""
+    for folder in reversed(committed(root)):
+        why = problem(folder)
+        if why is None:
+            return folder
+        say(f"checkpoint {folder.name} is damaged: {why}; trying the one before")
+    return None
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder from a run folder (its newest intact checkpoint), a ``checkpoints``
+    folder, or one checkpoint; a one-line error otherwise."""
+    if (path / MANIFEST).exists():
+        why = problem(path)
+        if why:
+            raise ConfigError("--ckpt", str(path), f"this checkpoint is damaged: {why}")
+        return path
+    for root in (path / "checkpoints", path):
+        found = newest_good(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise ConfigError("--ckpt", str(path), "is not a checkpoint: give a run folder (holding checkpoints/step_*), "
+                      "a checkpoint folder (holding plait.json), or an exported .safetensors file")
+
+
+class Checkpointer:
+    """Saves every ``every`` steps (and at the end) under ``root``, keeps the newest ``keep``.
+
+    Collective: every rank constructs it and calls ``save`` at the same steps. ``info``: plain
+    data written into every checkpoint's ``plait.json`` (the layout, the config)."""
+
+    def __init__(self, root: Path | None, every: int, keep: int, async_save: bool = False, info: dict | None = None):
+        self.root, self.every, self.keep, self.async_save = root, every, keep, async_save
+        self.info = info or {}
+        self.lead = not dist.is_initialized() or dist.get_rank() == 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.group = None
+        if root is None:
+            return
+        if self.lead:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".step_*.tmp"):  # left by a run that was stopped while saving
+                shutil.rmtree(stale, ignore_errors=True)
+        if dist.is_initialized():  # a group of its own: an async save's collectives run beside training's
+            self.group = dist.new_group(backend="gloo")
+            dist.barrier(self.group)
+
+    def due(self, step: int, last: int) -> bool:
+        return self.root is not None and (step == last or (self.every > 0 and step % self.every == 0))
+
+    def save(self, step: int, pm, optimizer, extra: dict) -> Path:
+        """Write the state of ``pm`` and ``optimizer`` after ``step`` steps (collective)."""
+        self.wait()
+        state = {**training_state(pm, optimizer, saving=True), **rng_state(pm)}
+        info = {"format": FORMAT, "step": step, **self.info, **extra}
+        if not self.async_save:
+            self._write(state, step, info)
+            return step_dir(self.root, step)
+        staged = {k: v.staged() if isinstance(v, Pieces) else v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self._thread = threading.Thread(target=self._background, args=(staged, step, info), daemon=True,
+                                        name=f"plait-checkpoint-{step}")
+        self._thread.start()
+        return step_dir(self.root, step)
+
+    def _background(self, state: dict, step: int, info: dict) -> None:
+        try:
+            self._write(state, step, info)
+        except BaseException as e:  # noqa: BLE001 - raised again in the training thread by wait()
+            self._error = e
+
+    def _write(self, state: dict, step: int, info: dict) -> None:
+        tmp = self.root / f".step_{step:06d}.tmp"
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=PieceSavePlanner(),
+                 process_group=self.group)
+        if self.lead:  # DCP's coordinator wrote .metadata after every rank's files: the folder is complete
+            self._commit(tmp, step, info)
+
+    def _commit(self, tmp: Path, step: int, info: dict) -> None:
+        info = {**info, "files": _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        final = step_dir(self.root, step)
+        if final.exists():  # an older save of this step (a run resumed from before it)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in committed(self.root)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until the save in flight is written and committed; raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def restore(path: Path, pm, optimizer, *, same_layout: bool) -> dict:
+    """Load the checkpoint at ``path`` into ``pm`` and ``optimizer`` at whatever layout they run
+    (collective over every rank); this rank's random streams too when ``same_layout``. Returns
+    its ``plait.json``."""
+    info = manifest(path)
+    reader = dcp.FileSystemReader(str(path))
+    md = reader.read_metadata()
+    saved = {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
+             if k.startswith("optim.") and hasattr(v, "size")}
+    if optimizer is not None:
+        prepare_optimizer(pm, optimizer, saved)
+    state = training_state(pm, optimizer, saving=False)
+    rng = rng_state(pm) if same_layout else {}
+    check_shapes(state, md, str(path))
+    dcp.load({**state, **{k: v for k, v in rng.items() if k in md.state_dict_metadata}}, storage_reader=reader,
+             planner=PieceLoadPlanner())
+    pm.after_step()  # ZeRO-1/2: every rank's parameters from the loaded slices
+    set_rng_state(pm, {k: v for k, v in rng.items() if k in md.state_dict_metadata})
+    return info
+
+
+def full_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every ``model.*`` tensor of the checkpoint at ``path``, whole, read by this one process."""
+    reader = dcp.FileSystemReader(str(path))
+    md = reader.read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    dcp.load(state, storage_reader=reader, planner=PieceLoadPlanner(), no_dist=True)
+    return {k.removeprefix("model."): v for k, v in state.items()}
