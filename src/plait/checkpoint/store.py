@@ -139,9 +139,10 @@ class Checkpointer:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob(".step_*.tmp"):  # left by a run that was stopped while saving
                 shutil.rmtree(stale, ignore_errors=True)
-        if dist.is_initialized():  # a group of its own: an async save's collectives run beside training's
-            self.group = dist.new_group(backend="gloo")
-            dist.barrier(self.group)
+        if dist.is_initialized():
+            if async_save:  # a group of its own: the save's collectives run beside training's
+                self.group = dist.new_group(backend="gloo")
+            dist.barrier()  # stale folders are gone before anyone writes
 
     def due(self, step: int, last: int) -> bool:
         return self.root is not None and (step == last or (self.every > 0 and step % self.every == 0))

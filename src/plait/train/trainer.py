@@ -166,6 +166,7 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
     trainer = Trainer(cfg, corpus, device, groups)
     lead = groups.rank == 0
+    start = _resume(trainer, opts.resume, lead) if opts.resume else 0  # a wrong checkpoint: one line, first
     if lead and opts.out:
         threads = torch.get_num_threads()
         log.info("model: %s, %.2fM parameters; layout dp=%d tp=%d pp=%d on %s (%d thread%s a process); %d steps",
@@ -175,7 +176,6 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     if lead and opts.out and pipe is not None:
         log.info("pipeline: %s schedule, %d micro-batches a step, blocks per stage %s", pipe["schedule"],
                  microbatches(cfg), pipe["stage_sizes"])
-    start = _resume(trainer, opts.resume, lead) if opts.resume else 0
     result = _loop(trainer, opts, lead, start)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp
