@@ -12,6 +12,8 @@ of the measured steps after a warm-up.
   stages (``--set parallel.schedule=gpipe|interleaved``: ScheduleGPipe, ScheduleInterleaved1F1B).
 - ``zero``: plait's ZeRO-1/2 vs ``ZeroRedundancyOptimizer`` (PyTorch's ZeRO-1) over DDP, with the
   model-state bytes per rank (parameters, gradients, optimizer moments) of each.
+- ``generate``: not a race against PyTorch: tokens/s of plait's KV-cache sampler against its uncached
+  one (the reference), one process, 1 and 8 prompts (``generate.py: bench_worker``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import comm
+from .checkpoint.bench import ckpt_worker as _ckpt_worker
+from .checkpoint.bench import format_ckpt
 from .config import RunConfig, microbatches
 from .errors import ConfigError
+from .generate import bench_worker as _generate_worker
+from .generate import format_bench
 from .launch import run_local
 from .models import ModelDescription, num_params
 from .models.description import cross_entropy, param_owner, within
@@ -320,29 +326,43 @@ BENCHES = {
     "tp": ({"model.flavour": "llama", "model.layers": "6", "model.hidden": "384", "model.heads": "6",
             "model.seq_len": "128", "train.global_batch": "8", "train.micro_batch": "8",
             "parallel.tp": "2"}, _tp_worker),
+    # A model whose synchronous save (300 MB of parameters and Adam moments) outlasts a step.
+    "ckpt": ({"model.layers": "8", "model.hidden": "512", "model.heads": "8", "model.seq_len": "64",
+              "train.global_batch": "2", "train.micro_batch": "2", "checkpoint.every": "8"}, _ckpt_worker),
+    # The default model (random init), one process: the KV-cache sampler vs the uncached one.
+    "generate": ({"parallel.dp": "1"}, _generate_worker),
 }
+
+
+ITERS = {"generate": 3}  # measured runs when --iters is not given (else 8 steps)
 
 
 # What each race compares, as (field, test on its value, what is valid): other layouts would be
 # labelled as a race they are not.
 REQUIRES = {
+    "ckpt": [],
     "dp": [("parallel.tp", lambda v: v == 1, "1"), ("parallel.pp", lambda v: v == 1, "1"),
            ("parallel.zero", lambda v: v == 0, "0 (plait bench zero races ZeRO)")],
     "zero": [("parallel.zero", lambda v: v > 0, "1, 2 or 3 (plait bench dp races plain data parallel)")],
     "tp": [("parallel.tp", lambda v: v > 1, "more than 1"), ("parallel.pp", lambda v: v == 1, "1")],
+    "generate": [("parallel.tp", lambda v: v == 1, "1 (it runs one process)"),
+                 ("parallel.pp", lambda v: v == 1, "1 (it runs one process)"),
+                 ("model.builder", lambda v: not v, "unset (it samples from plait's own GPT, whose attention "
+                  "takes a KV cache)")],
     "pp": [("parallel.pp", lambda v: v > 1, "more than 1"),
            ("parallel.schedule", lambda v: v in TORCH_SCHEDULES,
             f"one of {', '.join(TORCH_SCHEDULES)}: torch has no ZB-H1 with one stage per rank")],
 }
 
 
-def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int = 8, warmup: int = 3) -> dict:
+def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int | None = None, warmup: int = 3) -> dict:
     """Run benchmark ``what`` on ``nproc`` local processes; the result row of rank 0."""
     for field, ok, valid in REQUIRES[what]:
         section, key = field.split(".")
         value = getattr(getattr(cfg, section), key)
         if not ok(value):
             raise ConfigError(field, value, f"plait bench {what} needs {valid}")
+    iters = ITERS.get(what, 8) if iters is None else iters
     for field, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0)):
         if value < least:
             raise ConfigError(field, value, f"must be at least {least}")
@@ -352,6 +372,10 @@ def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int = 8, warmup: int
 
 
 def format_result(r: dict) -> str:
+    if r.get("kind") == "ckpt":
+        return format_ckpt(r)
+    if r.get("kind") == "generate":
+        return format_bench(r)
     return (f"plait: {r['ours_tokens_per_s']:.0f} tokens/s   {r['baseline']}: {r['torch_tokens_per_s']:.0f} "
             f"tokens/s   ratio {r['ratio']:.3f}  ({r['layout']}, {r['flavour']}, {r['params'] / 1e6:.1f}M params, "
             f"median of {r['steps_measured']} steps)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import config as C
 from .errors import ConfigError, PlaitError
+from .generate import add_generate_parser, cmd_generate
 from .launch import WorkerFailed
 
 SHORT_FLAGS = {  # --flag -> config key
@@ -84,14 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--png", help="write the timeline picture here")
     sched.add_argument("--json", action="store_true", help="print a JSON object")
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
-    bench.add_argument("what", choices=["dp", "tp", "pp", "zero"],
+    bench.add_argument("what", choices=["dp", "tp", "pp", "zero", "generate", "ckpt"],
                        help="dp: data parallel vs torch DDP; tp: tensor parallel vs DTensor; "
                             "pp: a schedule vs torch.distributed.pipelining's; zero: ZeRO-3 vs fully_shard, "
-                            "--zero 1/2 vs ZeroRedundancyOptimizer")
+                            "--zero 1/2 vs ZeroRedundancyOptimizer; generate: KV cache vs uncached sampler; "
+                            "ckpt: plait's sync and async saves beside dcp.async_save")
     _config_args(bench)
-    bench.add_argument("--iters", type=int, default=8, help="measured steps (median reported)")
+    bench.add_argument("--iters", type=int, help="measured steps (median reported; default 8, generate: 3 runs)")
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     bench.add_argument("--json", action="store_true", help="print a JSON object")
+    add_generate_parser(sub)
     return parser
 
 
@@ -152,7 +155,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise ConfigError("--max-restarts", args.max_restarts, "must be 0 or more")
     resume = args.resume or _torchrun_restart()
-    cfg = _resume_config(args) if resume else load_config(args)
+    start = _newest_checkpoint(_resume_out(args), required=args.resume) if resume else None
+    cfg = _resume_config(args, start) if start or args.resume else load_config(args)
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
@@ -160,7 +164,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _dry_run(cfg, nproc)
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
     out = out_dir(args.out, check=rank == 0 and not resume)
-    start = _newest_checkpoint(out, required=args.resume) if resume else None
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
     opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample,
                       timeline_step=args.timeline, resume=start)
@@ -179,15 +182,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 RESUMABLE = ("parallel.", "train.steps", "train.log_every", "train.eval_every", "checkpoint.")
 
 
-def _resume_config(args: argparse.Namespace) -> C.RunConfig:
-    """The config saved in --out, with the overrides a resumed run may make (the layout, the
-    step count, checkpoints, logging); any other key given with another value is refused."""
+def _resume_out(args: argparse.Namespace) -> Path:
     if not args.out:
         raise ConfigError("--resume", True, "continues the run in --out DIR: give --out")
-    saved_file = Path(args.out).expanduser() / "config.toml"
-    if not saved_file.is_file():
-        raise ConfigError("--resume", args.out, "holds no run (no config.toml): give the --out folder of a run")
-    saved = C.load(saved_file)
+    out = Path(args.out).expanduser()
+    if args.resume and not out.is_dir():
+        raise ConfigError("--resume", args.out, "holds no run: give the --out folder of a run")
+    return out
+
+
+def _resume_config(args: argparse.Namespace, start: Path | None) -> C.RunConfig:
+    """The config saved with the checkpoint ``start`` (or in --out), with the overrides a resumed
+    run may make (the layout, the step count, checkpoints, logging); any other key given with
+    another value is refused."""
+    from .checkpoint.export import config_of
+
+    saved_file = start / "plait.json" if start else Path(args.out).expanduser() / "config.toml"
+    saved = config_of(start) if start else C.load(saved_file)
     sets = list(args.set) + [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
                              if getattr(args, flag) is not None]
     keys = {item.split("=", 1)[0].strip() for item in sets}
@@ -337,7 +348,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench,
-            "schedule": cmd_schedule}
+            "schedule": cmd_schedule, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

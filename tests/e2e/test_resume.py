@@ -139,8 +139,8 @@ def _bad_resume_cases(tmp_path, corpus_file):
     assert plait("train", *base, "--steps", "2", "--out", str(run)).returncode == 0
     other = tmp_path / "other"  # a run whose config no longer matches its checkpoints
     assert plait("train", *base, "--steps", "2", "--out", str(other)).returncode == 0
-    cfg = (other / "config.toml").read_text()
-    (other / "config.toml").write_text(cfg.replace("hidden = 32", "hidden = 64"))
+    info = other / "checkpoints" / "step_000002" / "plait.json"  # the config saved with the tensors
+    info.write_text(info.read_text().replace("hidden = 32", "hidden = 64"))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.toml").write_text((run / "config.toml").read_text())

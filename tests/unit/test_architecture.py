@@ -28,6 +28,15 @@ def test_no_import_runs_from_the_strands_up_into_training():
     assert not bad, bad
 
 
+def test_checkpoints_import_no_trainer_at_module_level():
+    """Checkpoints sit beside the trainer: the trainer imports them, not the other way round (the
+    bench worker imports what it drives inside its function)."""
+    bad = [(str(p.relative_to(ROOT)), m) for p in (SRC / "checkpoint").rglob("*.py")
+           for node in ast.parse(p.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))
+           for m in [getattr(node, "module", None) or ""] if "train" in m or m.endswith(("cli", "bench"))]
+    assert not bad, bad
+
+
 def test_models_hold_no_distributed_code():
     bad = [(str(p.relative_to(ROOT)), m) for p in (SRC / "models").rglob("*.py") for m in _imports(p)
            if m.startswith(("torch.distributed", "plait.parallel", "plait.comm"))]
@@ -37,7 +46,7 @@ def test_models_hold_no_distributed_code():
 def test_strands_name_no_attribute_of_plaits_gpt():
     gpt = re.compile(r"\b(tok_emb|pos_emb|lm_head|attn_norm|mlp_norm|wq|wk|wv|wo|swiglu)\b"
                      r"|\b(model|module|block|b)\.(blocks|norm|attn|mlp|drop|cfg|gate|up|down)\b|\"blocks\.")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in (SRC / "parallel").rglob("*.py")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for d in ("parallel", "checkpoint") for p in (SRC / d).rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if gpt.search(line) and not line.lstrip().startswith("#")]
     assert not hits, hits

@@ -32,13 +32,17 @@ def _config(text: str) -> C.RunConfig:
     return C.from_dict(tomllib.loads(text))
 
 
+def config_of(folder: Path) -> C.RunConfig:
+    """The run config saved in the checkpoint ``folder``."""
+    return _config(manifest(folder)["config"])
+
+
 def read_checkpoint(path: Path) -> tuple[C.RunConfig, int, dict[str, torch.Tensor]]:
     """(config, step, whole model tensors by name) of a run folder, a checkpoint folder or an export."""
     if path.is_file() or path.suffix == ".safetensors":
         return _read_export(path)
     folder = resolve(path)
-    info = manifest(folder)
-    return _config(info["config"]), int(info["step"]), full_model_state(folder)
+    return config_of(folder), int(manifest(folder)["step"]), full_model_state(folder)
 
 
 def _read_export(path: Path) -> tuple[C.RunConfig, int, dict[str, torch.Tensor]]:

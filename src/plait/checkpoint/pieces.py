@@ -4,7 +4,7 @@ A rank holds parts of the whole model: tensor parallel splits a matrix along one
 vocabulary padded to a multiple of tp), ZeRO gives each dp rank a flat slice of a bucket that may
 start and end inside a parameter, and pipeline parallel keeps some blocks. Here each such part is
 turned into rectangular *pieces* of the whole tensor, named by its place in the unsplit model
-(``model.blocks.3.attn.wq.weight``, ``optim.blocks.3.attn.wq.weight.exp_avg``), with its offsets and
+(``model.layers.3.proj.weight``, ``optim.layers.3.proj.weight.exp_avg``), with its offsets and
 sizes there. Saving writes the pieces; loading fills the pieces of whatever layout is running now
 from whatever pieces were written, so a checkpoint loads at any layout.
 

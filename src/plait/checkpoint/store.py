@@ -8,9 +8,10 @@ byte), is not a checkpoint and is skipped, with a log line, in favour of the one
 to ``checkpoint.keep`` runs after a commit, so the newest complete checkpoint is never removed
 before a newer one is complete.
 
-With ``checkpoint.async = true`` the state is copied to the CPU and written by a background thread
-(its collectives on a process group of its own), while training goes on; the next save, and the
-end of the run, wait for it.
+With ``checkpoint.async = true`` a background thread copies the state (to the CPU) while the next
+step's forward and backward run, which only read it; the optimizer's next update waits for that
+copy (a step pre-hook). The thread then writes and commits the copy (its collectives on a process
+group of its own) while training goes on; the next save, and the end of the run, wait for it.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class Checkpointer:
         self.info = info or {}
         self.lead = not dist.is_initialized() or dist.get_rank() == 0
         self._thread: threading.Thread | None = None
+        self._staged = threading.Event()
+        self._staged.set()
+        self._hooked: set[int] = set()
         self._error: BaseException | None = None
         self.group = None
         if root is None:
@@ -155,14 +159,26 @@ class Checkpointer:
         if not self.async_save:
             self._write(state, step, info)
             return step_dir(self.root, step)
-        staged = {k: v.staged() if isinstance(v, Pieces) else v.detach().to("cpu", copy=True) for k, v in state.items()}
-        self._thread = threading.Thread(target=self._background, args=(staged, step, info), daemon=True,
+        if optimizer is not None and id(optimizer) not in self._hooked:
+            optimizer.register_step_pre_hook(self._before_update)
+            self._hooked.add(id(optimizer))
+        self._staged.clear()
+        self._thread = threading.Thread(target=self._background, args=(state, step, info), daemon=True,
                                         name=f"plait-checkpoint-{step}")
         self._thread.start()
         return step_dir(self.root, step)
 
+    def _before_update(self, *_) -> None:
+        """The optimizer's step pre-hook: no update while the last save's copy is being taken."""
+        self._staged.wait()
+
     def _background(self, state: dict, step: int, info: dict) -> None:
         try:
+            try:  # the copy runs beside the next forward and backward, which only read the state
+                state = {k: v.staged() if isinstance(v, Pieces) else v.detach().to("cpu", copy=True)
+                         for k, v in state.items()}
+            finally:
+                self._staged.set()
             self._write(state, step, info)
         except BaseException as e:  # noqa: BLE001 - raised again in the training thread by wait()
             self._error = e

@@ -16,7 +16,8 @@ from torch import nn
 from ..config import ModelConfig, builder_parts
 from ..errors import ConfigError
 from .description import ModelDescription, TensorParallelPlan, check, compose
-from .gpt import GPT, generate, num_params
+from .gpt import GPT, num_params
+from .sampling import generate
 
 
 def build(cfg: ModelConfig) -> tuple[nn.Module, ModelDescription]:

@@ -7,11 +7,15 @@
 Parallel code replaces modules from the outside (tensor parallel swaps the linears, pipeline
 parallel keeps a slice of ``blocks``), guided by the model's description (``GPT.describe``), so
 layers infer their local head counts from the shapes of their projections and never from the config.
+
+Generation passes a :class:`Decoding` (positions, attention mask, optional :class:`KVCache`) to the
+blocks; training passes nothing and runs exactly the code it always ran.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +41,67 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[tor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of x (B, heads, S, head_dim) by the position's angles."""
     s = x.shape[-2]
-    cos, sin = cos[:s].to(x.dtype), sin[:s].to(x.dtype)
+    return _rotate(x, cos[:s].to(x.dtype), sin[:s].to(x.dtype))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE with the angles already picked: cos and sin broadcast against x's (..., S, head_dim/2) pairs."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)
+
+
+class KVCache:
+    """Keys and values of every attention layer while generating, so that a step feeds only the new
+    tokens (Pope et al. 2022). Per layer two buffers (batch, kv heads, capacity, head_dim), allocated
+    at the layer's first write from the shapes it writes (a tensor-parallel rank holds only its own
+    heads, a pipeline stage only its own layers), then written in place: a step costs no copy of
+    what is cached. ``valid`` (batch, capacity) marks the slots each row may attend (left padding
+    is never valid), ``length`` the slots filled so far (the same for every row)."""
+
+    def __init__(self, batch: int, capacity: int, device: torch.device | None = None):
+        self.capacity, self.length = capacity, 0
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self._kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reset(self) -> None:
+        """Forget what is cached (the buffers stay allocated for the next fill)."""
+        self.length = 0
+        self.valid.zero_()
+
+    def write(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor, start: int,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``layer``'s keys and values (B, kv heads, S, hd) at slots [start, start + S) and
+        return views of all its slots up to there; with ``rows`` (R,) store them in those rows only
+        (a refill) and return them as they are (the refilled tokens attend only to each other)."""
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} slots cannot hold slots up to {end}")
+        bufs = self._kv.get(layer)
+        if bufs is None:
+            shape = (self.valid.shape[0], k.shape[1], self.capacity, k.shape[3])
+            bufs = self._kv[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+        if rows is not None:
+            bufs[0][rows, :, start:end] = k
+            bufs[1][rows, :, start:end] = v
+            return k, v
+        bufs[0][:, :, start:end] = k
+        bufs[1][:, :, start:end] = v
+        return bufs[0][:, :, :end], bufs[1][:, :, :end]
+
+
+@dataclass
+class Decoding:
+    """What a generation forward gives every block besides the hidden states: ``positions`` (B, S)
+    of the tokens in their rows' windows, ``mask`` (B, 1, S, T) of the keys each query may attend
+    (T: the cached slots after this step, or S without a cache), and the ``cache`` (None: attend to
+    this forward's own keys) written from slot ``start``, in every row or only in ``rows`` (a refill)."""
+
+    positions: torch.Tensor
+    mask: torch.Tensor
+    cache: KVCache | None = None
+    start: int = 0
+    rows: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -63,14 +124,27 @@ class Attention(nn.Module):
         b, s, _ = t.shape  # (B, S, heads*hd) -> (B, heads, S, hd); heads may be a tp shard
         return t.view(b, s, -1, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decoding: Decoding | None = None) -> torch.Tensor:
         q, k, v = self._heads(self.wq(x)), self._heads(self.wk(x)), self._heads(self.wv(x))
+        if decoding is not None:
+            return self._decode(q, k, v, decoding)
         if self.rope:
             q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1],
         )  # (B, heads, S, hd)
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decoding) -> torch.Tensor:
+        """Attention while generating: per-row positions, an explicit mask, the keys and values of
+        earlier steps from the cache."""
+        if self.rope:
+            cos, sin = self.cos[d.positions].unsqueeze(1).to(q.dtype), self.sin[d.positions].unsqueeze(1).to(q.dtype)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # angles (B, 1, S, hd/2)
+        if d.cache is not None:
+            k, v = d.cache.write(self, k, v, d.start, d.rows)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=d.mask, enable_gqa=k.shape[1] != q.shape[1])
         return self.wo(y.transpose(1, 2).flatten(2))
 
 
@@ -101,8 +175,11 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = _norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, decoding: Decoding | None = None) -> torch.Tensor:
+        if decoding is None:
+            x = x + self.drop(self.attn(self.attn_norm(x)))
+        else:
+            x = x + self.drop(self.attn(self.attn_norm(x), decoding))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -132,10 +209,12 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token (and learned position) embeddings (B, S, H); ``positions`` (B, S) default to 0..S-1."""
         x = self.tok_emb(tokens)  # (B, S, H)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+            pos = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+            x = x + self.pos_emb(pos)
         return self.drop(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +225,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def decode(self, tokens: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+        """A generation forward of tokens (B, S): logits (B, vocab) of each row's last token."""
+        x = self.embed(tokens, decoding.positions)
+        for block in self.blocks:
+            x = block(x, decoding)
+        return self.head(x[:, -1])
 
     def describe(self) -> ModelDescription:
         """What the strands may know of this model (``models/description.py``)."""
@@ -181,28 +267,3 @@ def layer_costs(m: ModelConfig, tokens: int) -> tuple[float, float, float]:
 def num_params(model: nn.Module) -> int:
     """Parameters counted once (tied weights are one parameter)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, context: int, temperature: float = 0.8,
-             top_k: int = 40, generator: torch.Generator | None = None, forward=None, pad_to: int = 1) -> torch.Tensor:
-    """Sample ``new_tokens`` after ``prompt`` (1-D); the context is cut to the last ``context`` tokens.
-
-    ``forward`` (default: ``model``) maps tokens (1, S) to logits (1, S, V); a parallel model passes
-    one that gathers the vocabulary. With ``pad_to`` > 1 the context is right-padded to a multiple
-    of it (causal attention: padding after the last token changes nothing before it).
-    """
-    forward = forward or model
-    was_training = model.training
-    model.eval()
-    out = prompt.clone()
-    for _ in range(new_tokens):
-        ctx = out[-context:]
-        n = len(ctx)
-        logits = forward(F.pad(ctx, (0, -n % pad_to)).unsqueeze(0))[0, n - 1].float() / temperature
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        probs = F.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
-        nxt = torch.multinomial(probs.cpu(), 1, generator=generator)
-        out = torch.cat([out, nxt.to(out.device)])
-    model.train(was_training)
-    return out
