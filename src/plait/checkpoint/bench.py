@@ -78,8 +78,9 @@ def ckpt_worker(cfg, iters: int, warmup: int) -> dict | None:
         if torch_side["pending"] is not None:
             torch_side["pending"].result()
         model_sd, optim_sd = get_state_dict(pm.module, opt)
-        torch_side["pending"] = dcp.async_save({"model": model_sd, "optim": optim_sd},
-                                               checkpoint_id=str(root / "torch"), process_group=torch_side["group"])
+        writer = dcp.FileSystemWriter(str(root / "torch"), overwrite=True)
+        torch_side["pending"] = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
+                                               process_group=torch_side["group"])
 
     def async_save():
         t = time.perf_counter()
