@@ -145,9 +145,8 @@ def places(pm) -> list[Place]:
     for seg, start, src in data.places():
         out.append(place(names[id(src)], seg, start, src))
         covered.add(id(src))
-    for name, p in module.named_parameters():
-        if id(p) not in covered and not p.requires_grad:  # frozen: whole on every dp rank (trained ones
-            #                                                 outside this rank's segments are other dp ranks')
+    for name, p in module.named_parameters():  # trained ones outside this rank's segments: other dp ranks'
+        if id(p) not in covered and not p.requires_grad:  # frozen: whole on every dp rank
             out.append(place(name, p, 0, p))
     params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     for name, b in module.state_dict(keep_vars=True).items():
