@@ -7,6 +7,7 @@ line and exit code 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -154,9 +155,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.max_restarts < 0:
         raise ConfigError("--max-restarts", args.max_restarts, "must be 0 or more")
+    if args.max_restarts and _torchrun():
+        raise ConfigError("--max-restarts", args.max_restarts, "under torchrun, give torchrun's own --max-restarts "
+                          "(a restarted worker group resumes from its checkpoints by itself)")
     resume = args.resume or _torchrun_restart()
     start = _newest_checkpoint(_resume_out(args), required=args.resume) if resume else None
-    cfg = _resume_config(args, start) if start or args.resume else load_config(args)
+    cfg = _resume_config(args, start) if start else load_config(args)
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
@@ -183,26 +187,29 @@ RESUMABLE = ("parallel.", "train.steps", "train.log_every", "train.eval_every", 
 
 
 def _resume_out(args: argparse.Namespace) -> Path:
-    if not args.out:
-        raise ConfigError("--resume", True, "continues the run in --out DIR: give --out")
-    out = Path(args.out).expanduser()
+    """The run folder to resume: --out (required with --resume; under a torchrun restart the
+    default folder of the run id, as the first attempt chose it)."""
+    if args.resume and not args.out:
+        raise ConfigError("--out", None, "--resume continues the run in --out DIR: give --out")
+    out = out_dir(args.out, check=False)
     if args.resume and not out.is_dir():
-        raise ConfigError("--resume", args.out, "holds no run: give the --out folder of a run")
+        raise ConfigError("--out", args.out, "holds no run to --resume: give the --out folder of a run")
     return out
 
 
-def _resume_config(args: argparse.Namespace, start: Path | None) -> C.RunConfig:
-    """The config saved with the checkpoint ``start`` (or in --out), with the overrides a resumed
-    run may make (the layout, the step count, checkpoints, logging); any other key given with
-    another value is refused."""
+def _resume_config(args: argparse.Namespace, start: Path) -> C.RunConfig:
+    """The config saved with the checkpoint ``start``, with the overrides a resumed run may make
+    (the layout, the step count, checkpoints, logging); any other key given with another value is
+    refused."""
     from .checkpoint.export import config_of
 
-    saved_file = start / "plait.json" if start else Path(args.out).expanduser() / "config.toml"
-    saved = config_of(start) if start else C.load(saved_file)
+    saved_file = start / "plait.json"
+    saved = config_of(start)
     sets = list(args.set) + [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
                              if getattr(args, flag) is not None]
     keys = {item.split("=", 1)[0].strip() for item in sets}
-    if {"parallel.tp", "parallel.pp"} & keys and "parallel.dp" not in keys:  # dp follows from the processes
+    layout = {"parallel.tp", "parallel.pp"} & keys or args.nproc is not None or args.config
+    if layout and "parallel.dp" not in keys:  # dp follows from the processes
         saved = dataclasses.replace(saved, parallel=dataclasses.replace(saved.parallel, dp=0))
     cfg = C.load(args.config, sets, saved)
     wanted, had = C.to_dict(cfg), C.to_dict(saved)
@@ -243,24 +250,40 @@ def _run_with_restarts(worker, nproc: int, cfg: C.RunConfig, opts, max_restarts:
         except WorkerFailed as e:
             if attempt == max_restarts:
                 raise
+            died = _last_step(opts.out)
             start = _newest_checkpoint(opts.out, required=False)
             opts = dataclasses.replace(opts, resume=start)
-            where = f"step {manifest_step(start)}" if start else "the start (no checkpoint yet)"
-            print(f"plait: {e}; restart {attempt + 1} of {max_restarts}, resuming from {where}", file=sys.stderr)
-    return None
+            where = f"step {_manifest_step(start)}" if start else "the start (no checkpoint yet)"
+            print(f"plait: {e} after step {died}; restart {attempt + 1} of {max_restarts}, resuming from {where}",
+                  file=sys.stderr)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def manifest_step(path: Path) -> int:
+def _manifest_step(path: Path) -> int:
     from .checkpoint.store import manifest
 
     return int(manifest(path)["step"])
+
+
+def _last_step(out: Path) -> int:
+    """The last step metrics.jsonl records (0 if none)."""
+    try:
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = []
+    for row in rows:
+        with contextlib.suppress(ValueError):  # a line cut short by the kill
+            steps.append(int(json.loads(row).get("step", 0)))
+    return max(steps, default=0)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint.export import export
 
     out = export(Path(args.ckpt).expanduser(), Path(args.out).expanduser())
-    print(f"exported {out['params']:,} parameters of step {out['step']} to {args.out} (config: {out['config']})")
+    print(f"exported {out['tensors']} tensors ({out['values']:,} values) of step {out['step']} to {args.out} "
+          f"(config: {out['config']})")
     return 0
 
 

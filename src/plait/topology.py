@@ -116,6 +116,18 @@ def _embed_group(topology: Topology):
     return mine
 
 
+def side_group(timeout_s: float = 600.0):
+    """A gloo group over every rank for collectives that run beside training's, in another thread
+    (an async checkpoint's writes): a group of their own, so the two streams of collectives never
+    interleave on one group. Collective call; ``timeout_s`` bounds each of its collectives (the
+    launcher's default for the main group)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 class _RankFormatter(logging.Formatter):
     """Puts the rank prefix before every line of a record (tracebacks included)."""
 

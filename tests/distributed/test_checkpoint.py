@@ -47,11 +47,13 @@ def test_resume_is_bit_identical(corpus_file, tmp_path, layout, extra):
 
 @pytest.fixture(scope="module")
 def reference(corpus_file):
-    """One process, float64: the parameters after 5 steps (4 layers: room for interleaved stages)."""
+    """One process, float64: the parameters after 5 steps (4 layers: room for interleaved stages; a
+    vocabulary of 257: tp=2 pads it, and the padding must stay out of the checkpoint)."""
     import tempfile
     from pathlib import Path
 
-    base = tiny_config(corpus_file, "train.dtype=float64", "model.layers=4", "train.steps=5", "checkpoint.every=4")
+    base = tiny_config(corpus_file, "train.dtype=float64", "model.layers=4", "train.steps=5", "checkpoint.every=4",
+                       "model.vocab=257")
     with tempfile.TemporaryDirectory() as d:
         return base, _run(base, "", Path(d), keep_params=True).params
 
@@ -61,6 +63,7 @@ def reference(corpus_file):
     ("tp=2,pp=2", "dp=2,zero=3"),
     ("pp=2,schedule=interleaved,virtual_stages=2,dp=2,zero=1", "tp=2,sequence_parallel=true"),
     ("tp=2,sequence_parallel=true,dp=2", "pp=2,schedule=interleaved,virtual_stages=2"),
+    ("dp=2,zero=2", "dp=2,tp=2,zero=1"),
 ], ids=lambda v: layout_id(v))
 def test_reshard_carries_model_and_optimizer(reference, tmp_path, saved, resumed):
     """Saved at one layout after 4 steps, step 5 at another gives the one-process parameters
@@ -92,6 +95,66 @@ def test_damaged_checkpoints_are_skipped(corpus_file, tmp_path):
     assert "corrupted" in problem(_ckpt(tmp_path, 3))
     assert newest_good(root, said.append) == _ckpt(tmp_path, 2)
     assert (_ckpt(tmp_path, 1) / "plait.json").exists() and problem(_ckpt(tmp_path, 1)) is None
+
+
+def test_async_save_is_a_snapshot_even_when_the_copy_is_slow(corpus_file, tmp_path, monkeypatch):
+    """The copy of an async save takes longer than the next forward and backward here: the update
+    after it waits (the optimizer's step pre-hook), so the checkpoint holds step 3's state and a run
+    resumed from it continues exactly."""
+    import time
+
+    from plait.checkpoint.state import Pieces
+
+    copy = Pieces.staged
+    monkeypatch.setattr(Pieces, "staged", lambda self: (time.sleep(0.05), copy(self))[1])  # forked ranks see it
+    base = tiny_config(corpus_file, "train.steps=5", "checkpoint.every=3", "checkpoint.async=true")
+    whole = _run(base, "dp=2", tmp_path / "A").losses
+    shutil.copytree(tmp_path / "A", tmp_path / "B")
+    shutil.rmtree(_ckpt(tmp_path / "B", 5))
+    assert _run(base, "dp=2", tmp_path / "B", resume=_ckpt(tmp_path / "B", 3)).losses == whole[3:]
+
+
+def test_metadata_that_would_run_code_is_refused(corpus_file, tmp_path):
+    """DCP's .metadata is a pickle: one that calls a function is refused, and nothing runs (even
+    with a manifest rewritten to match, as whoever crafts such a folder would)."""
+    import json
+    import os
+    import pickle
+
+    from plait.checkpoint.export import read_checkpoint
+    from plait.checkpoint.store import _files
+    from plait.errors import ConfigError
+
+    _run(tiny_config(corpus_file, "train.steps=1"), "", tmp_path)
+    folder, marker = _ckpt(tmp_path, 1), tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    info = json.loads((folder / "plait.json").read_text())
+    (folder / "plait.json").write_text(json.dumps({**info, "files": _files(folder)}))
+    with pytest.raises(ConfigError, match="refused: its .metadata is not plain DCP metadata"):
+        read_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_pruning_after_a_resume_keeps_the_new_history(tmp_path):
+    """Resumed from step 500 because 600 was damaged, keep=1: committing 550 leaves 550 alone (not
+    the damaged 600, and 500 only once 550 is complete)."""
+    from plait.checkpoint.store import Checkpointer, committed
+
+    root = tmp_path / "checkpoints"
+    for step in (500, 600):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}" / "plait.json").write_text("{}")
+    ckpt = Checkpointer(root, 50, 1)  # (it clears stale .tmp folders first)
+    tmp = root / ".step_000550.tmp"
+    tmp.mkdir()
+    (tmp / "data").write_bytes(b"x")
+    ckpt._commit(tmp, 550, {"step": 550, "config": ""})
+    assert [p.name for p in committed(root)] == ["step_000550"]
 
 
 def test_async_saves_resume_exactly_and_keep_one(corpus_file, tmp_path):

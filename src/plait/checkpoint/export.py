@@ -56,7 +56,10 @@ def _read_export(path: Path) -> tuple[C.RunConfig, int, dict[str, torch.Tensor]]
         cfg = C.from_dict(info["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError("--ckpt", str(side), f"not an export's config ({type(e).__name__}: {e})") from None
-    return cfg, int(info.get("step", 0)), load_file(str(path))
+    try:
+        return cfg, int(info.get("step", 0)), load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types: one line for the user
+        raise ConfigError("--ckpt", str(path), f"not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def load_into(model: nn.Module, desc: ModelDescription, state: dict[str, torch.Tensor], where: str) -> None:
@@ -101,8 +104,12 @@ def export(path: Path, out: Path) -> dict:
     cfg, step, state = read_checkpoint(path)
     model, desc = build(cfg.model)
     load_into(model, desc, state, str(path))  # checks names and shapes against the config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": EXPORT_FORMAT})
     side = out.with_suffix(".json")
-    side.write_text(json.dumps({"format": EXPORT_FORMAT, "step": step, "config": C.to_dict(cfg)}, indent=1))
-    return {"params": sum(v.numel() for v in state.values()), "step": step, "config": str(side)}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": EXPORT_FORMAT})
+        side.write_text(json.dumps({"format": EXPORT_FORMAT, "step": step, "config": C.to_dict(cfg)}, indent=1))
+    except OSError as e:
+        raise ConfigError("--out", str(out), f"cannot be written ({e.strerror or e})") from None
+    return {"values": sum(v.numel() for v in state.values()), "tensors": len(state), "step": step,
+            "config": str(side)}

@@ -10,8 +10,8 @@ from whatever pieces were written, so a checkpoint loads at any layout.
 
 A flat range of a row-major tensor is at most ``2 * (ndim - 1) + 1`` rectangles: a ragged start, whole
 rows, a ragged end (``flat_boxes``). Replicated copies are written once: by dp rank 0 unless the
-strand shards over dp, by tp rank 0 unless tensor parallel splits the tensor, and a tied weight
-under its input stage's name only.
+strand's segment is a slice of its own (ZeRO), by tp rank 0 unless tensor parallel splits the
+tensor, and a tied weight under its input stage's name only.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def places(pm) -> list[Place]:
             dim, size = sharded[local_name]
             split = (dim, size, coord.tp_rank)
         dup = id(src) == copy and local_name == copy_name  # the output stage's copy of a tied weight
-        writer = ((data.shards_grads and tensor is not src) or coord.dp_rank == 0) and \
+        writer = (tensor is not src or coord.dp_rank == 0) and \
             (split is not None or coord.tp_rank == 0) and not dup
         p = Place(tied.get(local_name, local_name), tensor, start, tuple(src.shape), split, writer)
         return Place(p.name, p.tensor, p.start, p.local_shape, p.split, p.writer, boxes_of(p))

@@ -3,10 +3,15 @@
 ``checkpoints/step_NNNNNN/`` is a DCP checkpoint (``state.py``) plus ``plait.json``: the step, the
 data position, the layout, the run's config, and the size and SHA-256 of every file. Rank 0 writes
 ``plait.json`` after DCP has gathered every rank's writes, then renames ``.step_NNNNNN.tmp`` to
-``step_NNNNNN``; a folder without it, or with a file of another size or hash (cut short, a flipped
-byte), is not a checkpoint and is skipped, with a log line, in favour of the one before. Pruning
-to ``checkpoint.keep`` runs after a commit, so the newest complete checkpoint is never removed
-before a newer one is complete.
+``step_NNNNNN``; a folder without it was never committed and is not looked at, and one with a file
+of another size or hash (cut short, a flipped byte) is skipped, with a log line, in favour of the
+one before. Pruning to ``checkpoint.keep`` runs after a commit, so the newest complete checkpoint
+is never removed before a newer one is complete; checkpoints newer than the one just committed
+belong to a history that a resumed run replaced (damaged ones), and go too.
+
+DCP's ``.metadata`` is a pickle: it is read with an unpickler that builds only DCP's metadata
+classes, sizes, dtypes and paths (``SafeReader``), and the tensors with ``weights_only``, so
+nothing in a checkpoint runs.
 
 With ``checkpoint.async = true`` a background thread copies the state (to the CPU) while the next
 step's forward and backward run, which only read it; the optimizer's next update waits for that
@@ -17,9 +22,11 @@ group of its own) while training goes on; the next save, and the end of the run,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import warnings
@@ -43,11 +50,53 @@ from .state import (
 
 log = logging.getLogger(__name__)
 MANIFEST = "plait.json"
-FORMAT = 1
+FORMAT = 1  # of plait.json and the names in a checkpoint
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
+
+
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder is named after (-1 for another name)."""
+    digits = folder.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata and nothing else: its dataclasses, ``torch.Size``, dtypes, layouts, paths."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+               ("collections", "OrderedDict"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, reading ``.metadata`` without running anything (``_MetadataUnpickler``)."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as e:
+                raise ConfigError("--ckpt", str(self.path),
+                                  f"refused: its .metadata is not plain DCP metadata ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _hash(path: Path) -> str:
@@ -67,18 +116,19 @@ def problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete, intact checkpoint, or None if it is."""
     try:
         info = json.loads((folder / MANIFEST).read_text())
-        files = info["files"]
+        files = {str(name): (int(want["bytes"]), str(want["sha256"])) for name, want in info["files"].items()}
+        int(info["step"]), str(info["config"])
     except FileNotFoundError:
         return f"no {MANIFEST} (never committed)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} unreadable ({type(e).__name__})"
-    for name, want in files.items():
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    for name, (size, digest) in files.items():
         f = folder / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} holds {f.stat().st_size} bytes, {want['bytes']} were written"
-        if _hash(f) != want["sha256"]:
+        if f.stat().st_size != size:
+            return f"{name} holds {f.stat().st_size} bytes, {size} were written"
+        if _hash(f) != digest:
             return f"{name} is corrupted (its SHA-256 differs from the one written)"
     return None
 
@@ -91,7 +141,8 @@ def committed(root: Path) -> list[Path]:
     """Committed checkpoint folders under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists())
+    found = [p for p in root.glob("step_*") if p.is_dir() and step_of(p) >= 0 and (p / MANIFEST).exists()]
+    return sorted(found, key=step_of)
 
 
 def newest_good(root: Path, say=log.warning) -> Path | None:
@@ -145,7 +196,9 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         if dist.is_initialized():
             if async_save:  # a group of its own: the save's collectives run beside training's
-                self.group = dist.new_group(backend="gloo")
+                from ..topology import side_group
+
+                self.group = side_group()
             dist.barrier()  # stale folders are gone before anyone writes
 
     def due(self, step: int, last: int) -> bool:
@@ -169,8 +222,11 @@ class Checkpointer:
         return step_dir(self.root, step)
 
     def _before_update(self, *_) -> None:
-        """The optimizer's step pre-hook: no update while the last save's copy is being taken."""
+        """The optimizer's step pre-hook: no update while the last save's copy is being taken (and
+        a save that failed stops training here, not only at the next save)."""
         self._staged.wait()
+        if self._error is not None:
+            self.wait()
 
     def _background(self, state: dict, step: int, info: dict) -> None:
         try:
@@ -197,7 +253,10 @@ class Checkpointer:
         if final.exists():  # an older save of this step (a run resumed from before it)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in committed(self.root)[:-self.keep]:
+        saved = committed(self.root)
+        older = [c for c in saved if step_of(c) <= step]
+        newer = [c for c in saved if step_of(c) > step]  # a replaced history: damaged ones a resume skipped
+        for old in older[:-self.keep] + newer:
             shutil.rmtree(old, ignore_errors=True)
 
     def wait(self) -> None:
@@ -215,7 +274,7 @@ def restore(path: Path, pm, optimizer, *, same_layout: bool) -> dict:
     (collective over every rank); this rank's random streams too when ``same_layout``. Returns
     its ``plait.json``."""
     info = manifest(path)
-    reader = dcp.FileSystemReader(str(path))
+    reader = SafeReader(str(path))
     md = reader.read_metadata()
     saved = {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
              if k.startswith("optim.") and hasattr(v, "size")}
@@ -233,7 +292,7 @@ def restore(path: Path, pm, optimizer, *, same_layout: bool) -> dict:
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     """Every ``model.*`` tensor of the checkpoint at ``path``, whole, read by this one process."""
-    reader = dcp.FileSystemReader(str(path))
+    reader = SafeReader(str(path))
     md = reader.read_metadata()
     state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
              if k.startswith("model.") and hasattr(v, "size")}

@@ -92,6 +92,8 @@ class DataParallelStrand(abc.ABC):
         """``(segment, start, parameter)`` for each of ``segments``: the segment holds the parameter's
         elements from ``start`` on, in its flat order (0 and the whole parameter without sharding).
         Checkpoints name every piece by it (``checkpoint/pieces.py``)."""
+        if self.shards_grads:
+            raise NotImplementedError(f"{type(self).__name__} shards: it must say where each segment starts")
         return [(seg, 0, src) for seg, src in self.segments]
 
     def param_groups(self, weight_decay: float) -> list[dict]:

@@ -192,7 +192,11 @@ class RNGTracker:
 
     def __init__(self, seed: int, device: torch.device):
         self.device = device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the stream afresh from ``seed`` (a run resumed at another layout)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             self.state = self._get()
 

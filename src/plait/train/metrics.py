@@ -106,7 +106,7 @@ class MetricsWriter:
         except ImportError:  # tensorboard missing: keep training, say so once
             log.warning("tensorboard is not installed; no tb/ events will be written")
             return None
-        return SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+        return SummaryWriter(str(out / "tb"), purge_step=start + 1)  # a restart's replaced steps go
 
     def write(self, row: dict) -> None:
         self.rows.append(row)

@@ -23,6 +23,7 @@ from torch import nn
 from .. import comm
 from ..checkpoint import Checkpointer, restore
 from ..config import RunConfig, microbatches, step_tokens, to_toml
+from ..errors import ConfigError
 from ..models import build, generate, num_params
 from ..models.description import ModelDescription
 from ..parallel.hybrid import ParallelModel, parallelize
@@ -109,6 +110,7 @@ class Trainer:
         self.meter = ActivationMeter(self.model)
         self.activation_peak = 0
         self.mem: dict[str, int] | None = None  # bytes by kind, counted once after the first step
+        self.first_step = 0  # a resumed run's first step is the checkpoint's
 
     def _autocast(self):
         if self.amp is None:
@@ -125,9 +127,10 @@ class Trainer:
         lr = lr_at(step, self.cfg.train)
         set_lr(self.optimizer, lr)
         micro = self._micro_batches(*self.sampler.batch(step))
+        first = step == self.first_step  # the activations are measured on this process's first step
         loss, grad_norm = self.pm.train_step(micro, self.optimizer, self.cfg.train.grad_clip, self._autocast,
-                                             self.meter if step == 0 else None)
-        if step == 0:
+                                             self.meter if first else None)
+        if first:
             self.activation_peak = self.meter.peak
         dt = time.perf_counter() - t0
         tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
@@ -200,9 +203,16 @@ def _resume(trainer: Trainer, path: Path, lead: bool) -> int:
     same = saved == layout_of(cfg)
     info = restore(path, trainer.pm, trainer.optimizer, same_layout=same)
     step = int(info["step"])
-    if not same:
-        torch.manual_seed(seed_for(cfg.train.seed, "dropout", dp_rank=c.dp_rank, pp_rank=c.pp_rank) + step)
-    trainer.sampler.load_state_dict({"step": int(info.get("data_step", step))})
+    if comm.weighted_mean(float(step), 1.0) != step or comm.weighted_mean(float(step) ** 2, 1.0) != step ** 2:
+        raise ConfigError("--out", str(path.parent.parent), "the ranks found different newest checkpoints (under "
+                          "torchrun each looks itself): put --out on storage every rank sees alike")
+    if not same:  # the ranks that drew these streams are gone: fresh ones, by the step
+        seed = seed_for(cfg.train.seed, "dropout", dp_rank=c.dp_rank, pp_rank=c.pp_rank) + step
+        torch.manual_seed(seed)
+        if trainer.pm.tp is not None and trainer.pm.tp.rng is not None:
+            trainer.pm.tp.rng.reseed(seed_for(cfg.train.seed, "tp", dp_rank=c.dp_rank, tp_rank=c.tp_rank,
+                                              pp_rank=c.pp_rank) + step)
+    trainer.first_step = step
     if lead:
         how = "at the same layout" if same else "resharded from " + ", ".join(
             f"{k}={saved.get(k)}" for k in ("dp", "tp", "pp", "zero", "virtual_stages") if k in saved)
