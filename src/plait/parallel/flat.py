@@ -47,29 +47,29 @@ class FlatLayout:
         """This rank's slice of a flat buffer (a view)."""
         return flat[self.rank * self.size:(self.rank + 1) * self.size]
 
-    def segments(self, values: torch.Tensor, grads: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(segment, source) for each parameter overlapping this rank's slice; ``values`` and
-        ``grads`` are that slice, and each segment (and its ``.grad``) is a view into them."""
-        lo, hi = self.rank * self.size, (self.rank + 1) * self.size
-        out, offset = [], 0
+    def _overlaps(self):
+        """(parameter, first, end, its offset) for each parameter overlapping this rank's slice:
+        the overlap is ``[first, end)`` of the flat buffer."""
+        lo, hi, offset = self.rank * self.size, (self.rank + 1) * self.size, 0
         for p in self.params:
             a, z = max(lo, offset), min(hi, offset + p.numel())
             if a < z:
-                seg = nn.Parameter(values[a - lo:z - lo])
-                seg.grad = grads[a - lo:z - lo]
-                out.append((seg, p))
+                yield p, a, z, offset
             offset += p.numel()
+
+    def segments(self, values: torch.Tensor, grads: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(segment, source) for each parameter overlapping this rank's slice; ``values`` and
+        ``grads`` are that slice, and each segment (and its ``.grad``) is a view into them."""
+        lo, out = self.rank * self.size, []
+        for p, a, z, _ in self._overlaps():
+            seg = nn.Parameter(values[a - lo:z - lo])
+            seg.grad = grads[a - lo:z - lo]
+            out.append((seg, p))
         return out
 
     def starts(self) -> list[int]:
         """For each of ``segments``, the index of its first element in its parameter's flat order."""
-        lo, hi = self.rank * self.size, (self.rank + 1) * self.size
-        out, offset = [], 0
-        for p in self.params:
-            if max(lo, offset) < min(hi, offset + p.numel()):
-                out.append(max(lo, offset) - offset)
-            offset += p.numel()
-        return out
+        return [a - offset for _, a, _, offset in self._overlaps()]
 
 
 def release(t: torch.Tensor) -> None:
