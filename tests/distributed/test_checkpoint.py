@@ -77,6 +77,28 @@ def test_reshard_carries_model_and_optimizer(reference, tmp_path, saved, resumed
         torch.testing.assert_close(got[name], w, rtol=1e-9, atol=1e-9, msg=name)
 
 
+def test_frozen_parameters_and_buffers_travel(corpus_file, tmp_path):
+    """A frozen parameter (written whole, by one rank) and a persistent buffer (a count of training
+    forwards) are saved at dp=2,zero=1 and loaded at tp=2: the count goes on from the saved one."""
+    from pathlib import Path
+
+    from plait.checkpoint.store import full_model_state
+
+    small = Path(__file__).resolve().parents[1] / "models" / "small.py"
+    base = tiny_config(corpus_file, f"model.builder={small}:frozen_and_counted", "train.steps=4", "checkpoint.every=3")
+    _run(base, "dp=2,zero=1", tmp_path)
+    first = full_model_state(_ckpt(tmp_path, 3))
+    fresh = build_model(base.model).state_dict()
+    assert torch.equal(first["layers.0.norm.weight"], fresh["layers.0.norm.weight"].float())  # frozen
+    assert not torch.equal(first["layers.1.norm.weight"], fresh["layers.1.norm.weight"].float())  # trained
+    assert first["layers.0.calls"].item() == 3 * 2  # 3 steps of 2 micro-batches on each dp rank
+    shutil.rmtree(_ckpt(tmp_path, 4))
+    _run(base, "tp=2", tmp_path, resume=_ckpt(tmp_path, 3))
+    then = full_model_state(_ckpt(tmp_path, 4))
+    assert then["layers.0.calls"].item() == 6 + 4  # one step of 4 micro-batches at dp=1, after the 6
+    assert torch.equal(then["layers.0.norm.weight"], first["layers.0.norm.weight"])
+
+
 def test_damaged_checkpoints_are_skipped(corpus_file, tmp_path):
     """A newest checkpoint cut short, or with one flipped byte, is reported and the one before used."""
     base = tiny_config(corpus_file, "train.steps=4", "checkpoint.every=1", "checkpoint.keep=4")

@@ -5,6 +5,7 @@ only (a norm over each query and key head, as in OLMo-2 and Gemma 3): under tens
 gradient is a partial sum over tp. The other builders describe a model wrongly, on purpose.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -71,6 +72,28 @@ def _described(cfg, model: Model, **kw) -> tuple[Model, ModelDescription]:
 def build(cfg, out: nn.Module | None = None, **kw):
     return _described(cfg, Model(cfg.vocab, cfg.hidden, [Layer(cfg.hidden, cfg.heads) for _ in range(cfg.layers)],
                                  out), **kw)
+
+
+class Counted(Layer):
+    """A layer that counts its training forwards in a persistent buffer (state a checkpoint must
+    carry, though no gradient touches it)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, heads)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, h):
+        if self.training:
+            self.calls += 1
+        return super().forward(h)
+
+
+def frozen_and_counted(cfg):
+    """``build``'s model with counting layers and the first layer's norm frozen."""
+    model, desc = _described(cfg, Model(cfg.vocab, cfg.hidden, [Counted(cfg.hidden, cfg.heads)
+                                                                 for _ in range(cfg.layers)]))
+    model.layers[0].norm.requires_grad_(False)
+    return model, desc
 
 
 # --------------------------------------------------------------------------- described wrongly
