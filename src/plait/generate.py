@@ -118,10 +118,11 @@ def _worker(model: nn.Module, desc: ModelDescription, prompts: list[list[int]], 
 
     device = comm.pick_device()
     groups = build_groups(Topology(pp=layout.pp, dp=1, tp=layout.tp), device.type)
-    model = model.to(device).eval()
+    model = model.eval()  # split on the CPU first: only this rank's part goes to the device
     tp = apply_tensor_parallel(model, desc, groups.mesh["tp"]) if layout.tp > 1 else None
     if layout.pp > 1:  # this rank's blocks (a balanced split), the input / output stage where they live
         apply_pipeline(model, desc, groups.pp, schedule="1f1b")
+    model = model.to(device)
     runner = ParallelRunner(model, desc, groups, tp, opts, seed)
     dist.barrier()
     t0 = time.perf_counter()
