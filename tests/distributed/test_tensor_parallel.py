@@ -202,6 +202,16 @@ def test_a_replicated_parameter_inside_a_region_is_summed_over_tp(corpus_file, l
     assert row["ok"], row
 
 
+@pytest.mark.parametrize("layout", ["tp=2", "dp=2,tp=2,zero=1"], ids=layout_id)
+def test_a_frozen_weight_stays_frozen_when_split(corpus_file, layout):
+    """A frozen projection that tensor parallel splits keeps its flag: it does not train (the
+    one-process reference leaves it alone too)."""
+    base = tiny_config(corpus_file, f"model.builder={QK_NORM}:frozen_column", "train.dtype=float64",
+                       "train.steps=3")
+    row = verify_layout(base, layout)
+    assert row["ok"], row
+
+
 def _losses_with_ignored_targets(tp: int):
     from plait.parallel.tensor import TensorParallel
 

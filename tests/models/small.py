@@ -96,6 +96,13 @@ def frozen_and_counted(cfg):
     return model, desc
 
 
+def frozen_column(cfg):
+    """``build``'s model with the first layer's query projection (split by tp) frozen."""
+    model, desc = build(cfg)
+    model.layers[0].attn.q.requires_grad_(False)
+    return model, desc
+
+
 # --------------------------------------------------------------------------- described wrongly
 
 

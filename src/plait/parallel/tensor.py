@@ -391,6 +391,10 @@ class _Styling:
             raise DescriptionError(f"tp style of {name}", style, f"needs an nn.{kind[style].__name__}, "
                                    f"not {type(module).__name__}")
         new = self._build(name, module, style)
+        for what in ("weight", "bias"):  # a frozen weight stays frozen in its tp form
+            old, fresh = getattr(module, what, None), getattr(new, what, None)
+            if isinstance(old, nn.Parameter) and isinstance(fresh, nn.Parameter):
+                fresh.requires_grad_(old.requires_grad)
         set_module(model, name, new)
 
     def _build(self, name: str, module: nn.Module, style: str) -> nn.Module:
