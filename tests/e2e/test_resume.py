@@ -74,16 +74,22 @@ def test_killed_run_resumes_bit_identical(corpus_file, tmp_path, uninterrupted):
     assert _losses(out) == uninterrupted
 
 
-def test_max_restarts_recovers_from_a_killed_rank(corpus_file, tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    proc = _start(corpus_file, out, "--max-restarts", "1")
+def _kill_one_and_finish(proc, out, child: int) -> str:
+    """SIGKILL the launcher's ``child``-th process once the run passes step 27; the run's stderr
+    after it finished (by itself: it must restart)."""
     try:
         _wait_step(out, 27, proc)
-        os.kill(_children(proc.pid)[1], signal.SIGKILL)
+        os.kill(_children(proc.pid)[child], signal.SIGKILL)
         _, err = proc.communicate(timeout=200)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-2000:]
+    return err
+
+
+def test_max_restarts_recovers_from_a_killed_rank(corpus_file, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    err = _kill_one_and_finish(_start(corpus_file, out, "--max-restarts", "1"), out, 1)
     assert "rank 1 was killed by signal 9" in err and "restart 1 of 1, resuming from step" in err
     assert _losses(out) == uninterrupted
 
@@ -97,13 +103,7 @@ def test_torchrun_restarts_resume_by_themselves(corpus_file, tmp_path, uninterru
     # torchrun's agent otherwise shares its store with the workers' process group, and a restarted
     # group may read the old group's addresses (pytorch/pytorch#135712): docs/checkpoints.md says so
     proc = _start(corpus_file, out, cmd=cmd, env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-    try:
-        _wait_step(out, 27, proc)
-        os.kill(_children(proc.pid)[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=200)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-2000:]
+    err = _kill_one_and_finish(proc, out, 0)
     assert "resumed from" in err
     assert _losses(out) == uninterrupted
 
@@ -142,6 +142,9 @@ def _bad_resume_cases(tmp_path, corpus_file):
     shutil.copytree(run, other)
     info = other / "checkpoints" / "step_000002" / "plait.json"  # the config saved with the tensors
     info.write_text(info.read_text().replace("hidden = 32", "hidden = 64"))
+    junk = tmp_path / "junk.safetensors"  # an export cut to garbage, its config intact
+    junk.write_bytes(b"not safetensors")
+    (tmp_path / "junk.json").write_text(json.dumps({"config": {"model": {"hidden": 32}}, "step": 2}))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.toml").write_text((run / "config.toml").read_text())
@@ -154,7 +157,19 @@ def _bad_resume_cases(tmp_path, corpus_file):
         (["train", *base, "--out", str(tmp_path / "x"), "--max-restarts", "-1"], "--max-restarts"),
         (["export", "--ckpt", str(empty), "--out", str(tmp_path / "m.safetensors")], "is not a checkpoint"),
         (["export", "--ckpt", str(run), "--out", str(tmp_path / "m.bin")], "FILE.safetensors"),
+        (["export", "--ckpt", str(run), "--out", str(run / "config.toml" / "m.safetensors")], "cannot be written"),
+        (["export", "--ckpt", str(junk), "--out", str(tmp_path / "m.safetensors")], "not a readable safetensors"),
     ]
+
+
+def test_max_restarts_under_torchrun_is_one_line(tmp_path):
+    """torchrun restarts by its own --max-restarts; plait's is refused there, before anything runs."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "x"}
+    r = subprocess.run([*PLAIT, "train", "--out", str(tmp_path / "o"), "--max-restarts", "1"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "torchrun's own --max-restarts" in lines[0], lines
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_resume_and_export_input_is_one_line(corpus_file, tmp_path):

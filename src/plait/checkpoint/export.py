@@ -18,6 +18,7 @@ from torch import nn
 from .. import config as C
 from ..errors import ConfigError
 from ..models.description import ModelDescription
+from .state import refuse_mismatch
 from .store import full_model_state, manifest, resolve
 
 if sys.version_info >= (3, 11):
@@ -69,11 +70,7 @@ def load_into(model: nn.Module, desc: ModelDescription, state: dict[str, torch.T
     wanted = model.state_dict()
     for name, t in wanted.items():
         src = state.get(tied.get(name, name))
-        if src is None:
-            raise ConfigError("checkpoint", where, f"holds no tensor {name!r}: it was saved from another model")
-        if tuple(src.shape) != tuple(t.shape):
-            raise ConfigError("checkpoint", where, f"tensor {name!r} is {list(src.shape)} there but {list(t.shape)} "
-                              "in this model: it was saved from a model of another shape")
+        refuse_mismatch(where, name, None if src is None else tuple(src.shape), tuple(t.shape))
     with torch.no_grad():
         for name, t in wanted.items():
             t.copy_(state[tied.get(name, name)])

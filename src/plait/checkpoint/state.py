@@ -8,7 +8,7 @@ What one checkpoint holds (every name is the unsplit model's, ``pieces.py``):
 - ``rng.ppP.dpD.tpT.KIND``: each rank's random streams (``cpu``, ``cuda``, tensor parallel's ``tp``),
   restored only when resuming at the same layout.
 
-The step, the data position, the layout and the config are plain data in ``plait.json`` beside
+The step (which is also the data position), the layout and the config are plain data in ``plait.json`` beside
 them (``store.py``). The folder is a plain DCP checkpoint: PyTorch's own tools read it
 (``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``), every tensor whole.
 """
@@ -121,17 +121,22 @@ def set_rng_state(pm, state: dict[str, torch.Tensor]) -> None:
             pm.tp.rng.state = value.clone()
 
 
+def refuse_mismatch(where: str, name: str, there: tuple | None, here: tuple) -> None:
+    """One line for a checkpoint of another model: tensor ``name`` is missing there (``there`` None)
+    or shaped otherwise than ``here``."""
+    if there is None:
+        raise ConfigError("checkpoint", where, f"holds no tensor {name!r}: it was saved from another model")
+    if tuple(there) != tuple(here):
+        raise ConfigError("checkpoint", where, f"tensor {name!r} is {list(there)} there but {list(here)} in this "
+                          "model: it was saved from a model of another shape")
+
+
 def check_shapes(state: dict, metadata, where: str) -> None:
-    """Refuse, in one line, a checkpoint of another model: the first tensor missing or shaped otherwise."""
+    """Refuse a checkpoint of another model at the first tensor missing or shaped otherwise."""
     saved = metadata.state_dict_metadata
     for name, obj in state.items():
-        shape = tuple(obj.shape) if isinstance(obj, Pieces) else tuple(obj.shape)
-        if name not in saved:
-            raise ConfigError("checkpoint", where, f"holds no tensor {name!r}: it was saved from another model")
-        got = tuple(getattr(saved[name], "size", ()))
-        if name.startswith(("model.", "optim.")) and got != shape:
-            raise ConfigError("checkpoint", where, f"tensor {name!r} is {list(got)} there but {list(shape)} in this "
-                              "model: it was saved from a model of another shape")
+        there = tuple(getattr(saved[name], "size", ())) if name in saved else None
+        refuse_mismatch(where, name, there, tuple(obj.shape) if name.startswith(("model.", "optim.")) else there)
 
 
 class PieceSavePlanner(DefaultSavePlanner):

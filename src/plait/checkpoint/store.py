@@ -1,7 +1,7 @@
 """Checkpoint folders: written under a temporary name, committed when complete, checked when read.
 
-``checkpoints/step_NNNNNN/`` is a DCP checkpoint (``state.py``) plus ``plait.json``: the step, the
-data position, the layout, the run's config, and the size and SHA-256 of every file. Rank 0 writes
+``checkpoints/step_NNNNNN/`` is a DCP checkpoint (``state.py``) plus ``plait.json``: the step (also the
+data position), the layout, the run's config, and the size and SHA-256 of every file. Rank 0 writes
 ``plait.json`` after DCP has gathered every rank's writes, then renames ``.step_NNNNNN.tmp`` to
 ``step_NNNNNN``; a folder without it was never committed and is not looked at, and one with a file
 of another size or hash (cut short, a flipped byte) is skipped, with a log line, in favour of the
@@ -118,6 +118,8 @@ def problem(folder: Path) -> str | None:
         info = json.loads((folder / MANIFEST).read_text())
         files = {str(name): (int(want["bytes"]), str(want["sha256"])) for name, want in info["files"].items()}
         int(info["step"]), str(info["config"])
+        if info.get("format") != FORMAT:
+            return f"{MANIFEST} is of format {info.get('format')!r}; this plait reads format {FORMAT}"
     except FileNotFoundError:
         return f"no {MANIFEST} (never committed)"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -123,7 +123,6 @@ class Sampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, dp_rank: int, dp: int):
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
         self.seed, self.dp_rank, self.dp = seed, dp_rank, dp
-        self.step = 0
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (global_batch/dp, seq_len), of this rank for ``step``."""
@@ -131,17 +130,6 @@ class Sampler:
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
         share = self.global_batch // self.dp
         return _windows(self.tokens, starts[self.dp_rank * share:(self.dp_rank + 1) * share], self.seq_len)
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.batch(self.step)
-        self.step += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: int):

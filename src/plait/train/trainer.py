@@ -246,7 +246,7 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> Tra
         elif writer:
             writer.write(row)
         if ckpt.due(row["step"], steps):
-            ckpt.save(row["step"], trainer.pm, trainer.optimizer, {"data_step": row["step"]})
+            ckpt.save(row["step"], trainer.pm, trainer.optimizer, {})
     ckpt.wait()
     if writer:
         writer.close()
