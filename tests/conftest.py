@@ -49,12 +49,23 @@ _REFERENCES: dict = {}  # reference config -> its one-process run, shared by eve
 def verify_layout(base: C.RunConfig, layout: str, tol: float = 1e-9) -> dict:
     """``layout`` ("dp=2,zero=1") trained and compared with the one-process run of ``base``, which
     is computed once per base config and shared by every test."""
-    from plait.verify import check_layout, parse_layouts, reference_config, run_reference
+    from plait.verify import (
+        check_layout,
+        layout_config,
+        own_reference,
+        parse_layouts,
+        reference_config,
+        run_own_reference,
+        run_reference,
+    )
 
-    key = reference_config(base)
+    parsed = parse_layouts(layout)[0]
+    cfg = layout_config(base, parsed)[0]
+    own = own_reference(cfg)  # DiLoCo: its replicas in one process
+    key = (reference_config(base), own)
     if key not in _REFERENCES:
-        _REFERENCES[key] = run_reference(base)
-    return check_layout(base, parse_layouts(layout)[0], _REFERENCES[key], tol)
+        _REFERENCES[key] = run_reference(base) if own is None else run_own_reference(cfg)
+    return check_layout(base, parsed, _REFERENCES[key], tol)
 
 
 def layout_id(layout: str) -> str:

@@ -216,8 +216,9 @@ def _resume_config(args: argparse.Namespace, start: Path) -> C.RunConfig:
     for section, values in wanted.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            if value != had[section][key] and not name.startswith(RESUMABLE):
-                raise ConfigError(name, value, f"a resumed run keeps its saved config ({had[section][key]!r} in "
+            before = had.get(section, {}).get(key)
+            if value != before and not name.startswith(RESUMABLE):
+                raise ConfigError(name, value, f"a resumed run keeps its saved config ({before!r} in "
                                   f"{saved_file}); only the layout (parallel.*), train.steps, checkpoint.* and "
                                   "logging keys may change")
     return cfg

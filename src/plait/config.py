@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 FLAVOURS = ("gpt2", "llama")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
+QUANTIZE = ("none", "bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,24 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DilocoConfig:
+    """DiLoCo (Douillard et al. 2023) in place of synchronous data parallel: given at all, it is on."""
+
+    inner_steps: int = 0  # H, local steps between syncs; must be given (>= 1)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9  # Nesterov; outer_lr=1, momentum=0 is local SGD (model averaging)
+    fragments: int = 1  # streaming DiLoCo: the parameters in F fragments synchronised in turn
+    quantize: str = "none"  # what the pseudo-gradients travel as: none (their dtype), bf16, fp8
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diloco: DilocoConfig | None = None  # optional sections: None unless a key of theirs is given
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -109,7 +122,9 @@ _SECTIONS = {
     "train": TrainConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
+    "diloco": DilocoConfig,
 }
+OPTIONAL_SECTIONS = ("diloco",)  # giving any key of one switches its strand on
 
 
 def _field_type(section: str, f: dataclasses.Field) -> type:
@@ -165,7 +180,8 @@ def from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
             raise ConfigError(section, "", f"unknown section; valid sections: {', '.join(_SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(section, values, "expected a table of key = value")
-        cfg = replace(cfg, **{section: _update_section(section, getattr(cfg, section), values)})
+        current = getattr(cfg, section) or _SECTIONS[section]()
+        cfg = replace(cfg, **{section: _update_section(section, current, values)})
     return cfg
 
 
@@ -211,9 +227,10 @@ def load(
 
 
 def to_dict(cfg: RunConfig) -> dict:
+    """``{section: {key: value}}``; an optional section that is off is left out."""
     return {
         s: {_key(f): getattr(getattr(cfg, s), f.name) for f in fields(_SECTIONS[s])}
-        for s in _SECTIONS
+        for s in _SECTIONS if getattr(cfg, s) is not None
     }
 
 
@@ -271,6 +288,8 @@ def validate(cfg: RunConfig, nproc: int) -> None:
     _validate_tensor_parallel(cfg.model, cfg.parallel)
     _validate_pipeline(cfg)
     _validate_train(cfg.train, cfg.parallel)
+    if cfg.diloco is not None:
+        _validate_diloco(cfg.diloco, cfg.parallel)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
@@ -388,6 +407,25 @@ def _validate_pipeline(cfg: RunConfig) -> None:
                            or (sum(p.stage_layers) != m.layers and not m.builder)):
         raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),
                           f"give {stages} positive block counts summing to model.layers={m.layers}")
+
+
+def _validate_diloco(d: DilocoConfig, p: ParallelConfig) -> None:
+    if d.inner_steps < 1:
+        raise ConfigError("diloco.inner_steps", d.inner_steps, "DiLoCo needs the local steps between syncs: an "
+                          "integer >= 1, e.g. diloco.inner_steps=10")
+    if d.outer_lr <= 0:
+        raise ConfigError("diloco.outer_lr", d.outer_lr, "must be positive (0.7 is DiLoCo's; 1.0 with "
+                          "outer_momentum=0 averages the models)")
+    if not 0 <= d.outer_momentum < 1:
+        raise ConfigError("diloco.outer_momentum", d.outer_momentum, "must be in [0, 1)")
+    if not 1 <= d.fragments <= d.inner_steps:
+        raise ConfigError("diloco.fragments", d.fragments, f"must be between 1 and inner_steps={d.inner_steps} "
+                          "(each fragment syncs once every inner_steps, staggered)")
+    if d.quantize not in QUANTIZE:
+        raise ConfigError("diloco.quantize", d.quantize, f"valid formats: {', '.join(QUANTIZE)}")
+    if p.zero:
+        raise ConfigError("parallel.zero", p.zero, "DiLoCo's replicas are the dp ranks and ZeRO would shard over "
+                          "them; use zero=0 with diloco.*")
 
 
 def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:

@@ -24,7 +24,7 @@ from .train.trainer import RunOptions, TrainResult, train_worker
 
 log = logging.getLogger(__name__)
 
-LAYOUT_SECTIONS = ("parallel", "train")
+LAYOUT_SECTIONS = ("parallel", "train")  # their keys may be given bare (dp=2); any key as section.key
 
 
 def schedule_variants() -> list[str]:
@@ -34,9 +34,14 @@ def schedule_variants() -> list[str]:
     return [f"schedule={name}" + (",virtual_stages=2" if s.interleaved else "") for name, s in SCHEDULES.items()]
 
 
+DILOCO_LAYOUTS = ("dp=2,diloco.inner_steps=5", "dp=2,diloco.inner_steps=8,diloco.fragments=4,diloco.quantize=fp8",
+                  "dp=2,tp=2,diloco.inner_steps=5,diloco.fragments=2")
+
+
 def standard_matrix() -> str:
     """Every factorisation of 2 and 4 processes over (dp, tp, pp), crossed with zero 0-3 where
-    dp > 1 and with the schedules where pp > 1, plus dp=2,tp=2,pp=2 (8 processes)."""
+    dp > 1 and with the schedules where pp > 1, plus dp=2,tp=2,pp=2 (8 processes), plus DiLoCo
+    (plain, streaming in fp8, and with tp inside the replicas; each against its own reference)."""
     layouts = []
     for n in (2, 4):
         for dp, tp, pp in _factorisations(n):
@@ -46,7 +51,7 @@ def standard_matrix() -> str:
                 for sched in schedules:
                     parts = [f"dp={dp}", f"tp={tp}", f"pp={pp}"] + ([f"zero={zero}"] if zero else []) + [sched]
                     layouts.append(",".join(p for p in parts if p))
-    return ";".join(layouts + ["dp=2,tp=2,pp=2"])
+    return ";".join(layouts + ["dp=2,tp=2,pp=2", *DILOCO_LAYOUTS])
 
 
 def _factorisations(n: int) -> list[tuple[int, int, int]]:
@@ -63,23 +68,31 @@ def parse_layouts(text: str) -> list[dict[str, dict[str, str]]]:
             if "=" not in pair:
                 raise ConfigError("--layouts", item, "expected comma-separated key=value, e.g. dp=2,micro_batch=1")
             key, value = (s.strip() for s in pair.split("=", 1))
-            layout.setdefault(_section_of(key, item), {})[key] = value
+            section, key = _section_of(key, item)
+            layout.setdefault(section, {})[key] = value
         layouts.append(layout)
     if not layouts:
         raise ConfigError("--layouts", text, "give at least one layout, e.g. dp=2")
     return layouts
 
 
-def _section_of(key: str, item: str) -> str:
+def _section_of(key: str, item: str) -> tuple[str, str]:
+    """(section, key) of a layout's key: bare for parallel and train keys, else ``section.key``
+    (``diloco.inner_steps``)."""
+    section, dot, name = key.rpartition(".")
+    if dot and section in C.OPTIONAL_SECTIONS + LAYOUT_SECTIONS and name in C.section_keys(section):
+        return section, name
     for section in LAYOUT_SECTIONS:
         if key in C.section_keys(section):
-            return section
-    valid = ", ".join(k for s in LAYOUT_SECTIONS for k in C.section_keys(s))
+            return section, key
+    valid = ", ".join([k for s in LAYOUT_SECTIONS for k in C.section_keys(s)]
+                      + [f"{s}.{k}" for s in C.OPTIONAL_SECTIONS for k in C.section_keys(s)])
     raise ConfigError("--layouts", item, f"unknown key {key!r}; valid keys: {valid}")
 
 
 def layout_name(layout: dict) -> str:
-    return ",".join(f"{k}={v}" for section in layout.values() for k, v in section.items())
+    return ",".join(f"{s + '.' if s not in LAYOUT_SECTIONS else ''}{k}={v}"
+                    for s, section in layout.items() for k, v in section.items())
 
 
 def layout_config(base: C.RunConfig, layout: dict) -> tuple[C.RunConfig, int]:
@@ -90,9 +103,9 @@ def layout_config(base: C.RunConfig, layout: dict) -> tuple[C.RunConfig, int]:
     return C.resolve(cfg, nproc), nproc
 
 
-def _run(cfg: C.RunConfig, nproc: int) -> TrainResult:
+def _run(cfg: C.RunConfig, nproc: int, worker=train_worker) -> TrainResult:
     opts = RunOptions(out=None, progress=False, keep_params=True)
-    return run_local(train_worker, nproc, (cfg, opts), timeout_s=1800, collective_timeout_s=300)[0]
+    return run_local(worker, nproc, (cfg, opts), timeout_s=1800, collective_timeout_s=300)[0]
 
 
 def compare(ref: TrainResult, got: TrainResult) -> tuple[float, float]:
@@ -133,14 +146,33 @@ def check_layout(base: C.RunConfig, layout: dict, ref: TrainResult, tol: float) 
             "max_loss_rel_diff": loss, "max_param_rel_diff": param, "ok": bool(loss <= tol and param <= tol)}
 
 
+def own_reference(cfg: C.RunConfig) -> tuple | None:
+    """What a layout whose result is not plain training's is compared with instead: the key of
+    its one-process reference (DiLoCo: the replicas and the diloco keys), or None."""
+    if cfg.diloco is None:
+        return None
+    return ("diloco", cfg.parallel.dp, cfg.diloco)
+
+
+def run_own_reference(cfg: C.RunConfig) -> TrainResult:
+    """The one-process reference of a DiLoCo layout (``reference.diloco_worker``)."""
+    from .reference import diloco_worker
+
+    return _run(cfg, 1, diloco_worker)
+
+
 def run_verify(base: C.RunConfig, layouts: list[dict], tol: float, progress: bool = True) -> list[dict]:
-    """Run the reference once and every layout; one result row per layout."""
-    for layout in layouts:  # all validated before any run
-        layout_config(base, layout)
+    """Run each reference once (the plain one, and one per DiLoCo setting) and every layout; one
+    result row per layout."""
+    cfgs = [layout_config(base, layout)[0] for layout in layouts]  # all validated before any run
     load_corpus(base.data, base.model.seq_len, progress=progress)
-    ref = run_reference(base)
+    refs: dict = {}
     rows = []
-    for layout in layouts:
+    for layout, cfg in zip(layouts, cfgs):
+        key = own_reference(cfg)
+        if key not in refs:
+            refs[key] = run_reference(base) if key is None else run_own_reference(cfg)
+        ref = refs[key]
         rows.append(check_layout(base, layout, ref, tol))
         if progress:
             log.info("%-28s loss %.2e  params %.2e  %s", rows[-1]["layout"], rows[-1]["max_loss_rel_diff"],

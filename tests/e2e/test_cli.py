@@ -29,8 +29,11 @@ def test_train_writes_every_output(corpus_file, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "loss" in row]
     assert [row["step"] for row in steps] == [1, 2, 3, 4, 5, 6]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mem_peak_bytes"):
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mem_peak_bytes", "comm_bytes",
+                "comm_peak_bytes", "comm_dp_bytes"):
         assert all(key in row for row in steps), key
+    sent = sum(row["comm_bytes"] for row in steps)
+    assert sent > 0 and f"communication: rank 0 sent {sent / 1e6:.2f} MB in 6 steps (dp" in r.stderr
     assert [row["step"] for row in rows if "val_loss" in row] == [0, 3, 6]
     assert (out / "config.toml").is_file() and (out / "loss.png").stat().st_size > 1000
     assert any((out / "tb").iterdir())
@@ -62,6 +65,10 @@ BAD = [
       "--set", "train.micro_batch=4", "--set", "train.global_batch=12"], "parallel.microbatches"),
     (["--pp", "2", "--set", "parallel.schedule=pipedream"], "parallel.schedule"),
     (["--timeline", "3"], "--timeline"),
+    (["--set", "diloco.inner_steps=0"], "diloco.inner_steps"),
+    (["--set", "diloco.outer_lr=0.5"], "diloco.inner_steps"),
+    (["--set", "diloco.inner_steps=8", "--set", "diloco.quantize=int8"], "diloco.quantize"),
+    (["--set", "diloco.inner_steps=8", "--zero", "1", "--nproc", "2"], "parallel.zero"),
     (["--pp", "2", "--steps", "2", "--timeline", "5"], "--timeline"),
 ]
 

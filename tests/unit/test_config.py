@@ -122,12 +122,12 @@ def test_stage_layers_accepts_colons_for_layout_strings():
 
 
 def test_standard_verify_matrix():
-    from plait.verify import parse_layouts, runnable, standard_matrix
+    from plait.verify import layout_name, parse_layouts, runnable, standard_matrix
 
     layouts = parse_layouts(standard_matrix())
-    names = [",".join(f"{k}={v}" for s in lay.values() for k, v in s.items()) for lay in layouts]
-    assert len(names) == 43 and names[-1] == "dp=2,tp=2,pp=2"
+    names = [layout_name(lay) for lay in layouts]
+    assert len(names) == 46 and names[-4] == "dp=2,tp=2,pp=2" and names[-3] == "dp=2,diloco.inner_steps=5"
     assert "dp=2,tp=1,pp=2,zero=3,schedule=zb" in names and "dp=1,tp=4,pp=1" in names
     base = C.load(None, ["train.micro_batch=2", "model.flavour=llama", "model.layers=8"])
     kept = runnable(base, layouts)
-    assert len(kept) == 43  # llama with 8 layers runs every layout of the matrix
+    assert len(kept) == 46  # llama with 8 layers runs every layout of the matrix

@@ -154,17 +154,19 @@ class GradBuckets:
         return sum(b.buffer.untyped_storage().nbytes() for b in self.buckets)
 
 
-def all_reduce_mean(b: Bucket, group, dp: int):
+def all_reduce_mean(b: Bucket, group, dp: int, tally: comm.Tally | None = None):
     """backward: divide the bucket by dp and all-reduce (sum) it over ``group``, asynchronously."""
     b.buffer.div_(dp)
-    return comm.all_reduce_(b.buffer, group, async_op=True)
+    return comm.all_reduce_(b.buffer, group, async_op=True, tally=tally)
 
 
 class DataParallel(DataParallelStrand):
     """Gradient averaging over ``group`` for ``module``'s parameters (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, group, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
-        self.module, self.group = module, group
+    def __init__(self, module: nn.Module, group, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
+                 tally: comm.Tally | None = None):
+        """``tally``: counts the bytes sent over dp."""
+        self.module, self.group, self.tally = module, group, tally
         self.dp = dist.get_world_size(group) if dist.is_initialized() else 1
         params = [p for p in module.parameters() if p.requires_grad]
         buckets = [Bucket(ps, torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device))
@@ -175,7 +177,7 @@ class DataParallel(DataParallelStrand):
 
     def _launch(self, b: Bucket):
         """backward: the bucket's mean over dp (``all_reduce_mean``); nothing with one rank."""
-        return all_reduce_mean(b, self.group, self.dp) if self.dp > 1 else None
+        return all_reduce_mean(b, self.group, self.dp, self.tally) if self.dp > 1 else None
 
     def no_sync(self):
         """Accumulate gradients locally; nothing travels until the next backward outside."""

@@ -1,6 +1,6 @@
 """``parallelize()``: the one place where the strands are composed, in a fixed order.
 
-tensor parallel -> pipeline parallel -> a data-parallel strand (plain, ZeRO-1/2 or ZeRO-3). Each is
+tensor parallel -> pipeline parallel -> a data-parallel strand (plain, ZeRO-1/2, ZeRO-3 or DiLoCo). Each is
 applied to the plain model from the outside, guided only by the model's description; the model
 never imports torch.distributed. Training, verify, bench and users' own loops build their parallel
 model here and drive it only through ``ParallelModel``.
@@ -18,13 +18,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
-from ..config import ParallelConfig
+from ..config import DilocoConfig, ParallelConfig
 from ..errors import DescriptionError
 from ..models.description import ModelDescription, check, cross_entropy, get_parameter, tied_parameters
 from ..seeds import seed_for
 from ..topology import Groups
 from .clip import ClipSets, NormGroups, clip_grad_norm
 from .data import DataParallel
+from .diloco import DiLoCo, fragment_names
 from .pipeline.runtime import PipelineParallel, StepContext
 from .pipeline.stages import apply_pipeline, tied_copy
 from .protocol import DataParallelStrand
@@ -46,6 +47,7 @@ class ParallelModel:
     pipeline: PipelineParallel | None = None
     tied_split: bool = False  # a tied parameter split over the first and last pipeline stage
     tied_param: nn.Parameter | None = None  # this rank's copy of it (first or last stage), else None
+    traffic: comm.Traffic = field(default_factory=comm.Traffic)  # bytes this rank sends, by strand
     _clip: tuple | None = field(default=None, repr=False)  # (ClipSets, NormGroups), built once
     _partial_segs: list | None = field(default=None, repr=False)  # segments of tp-partial gradients, found once
 
@@ -104,7 +106,7 @@ class ParallelModel:
         if self.tied_param is not None:  # the first or the last stage
             grad = self.data.tied_grad(self.tied_param)
             if grad is not None:
-                comm.all_reduce_(grad, self.groups.embed)
+                comm.all_reduce_(grad, self.groups.embed, tally=self.traffic.tally("pp"))
 
     def _partial_grads(self) -> list[torch.Tensor]:
         """The gradients of the tp-partial parameters as the optimizer holds them: under ZeRO the
@@ -145,6 +147,11 @@ class ParallelModel:
     def zero_grad(self) -> None:
         """Zero the gradients in place for the next step (never ``optimizer.zero_grad()``)."""
         self.data.zero_grad()
+
+    def flush(self) -> None:
+        """At the end of training: finish what the data-parallel strand still has in flight
+        (streaming DiLoCo's last exchanges)."""
+        self.data.flush()
 
     # ---------------------------------------------------------------- losses over the run
 
@@ -287,21 +294,25 @@ def _stage_forward(pipe: PipelineParallel, chunk, x):
 
 
 def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
-                seed: int = 0, tokens_per_step: int | None = None, sample=None) -> ParallelModel:
+                seed: int = 0, tokens_per_step: int | None = None, sample=None,
+                diloco: DilocoConfig | None = None) -> ParallelModel:
     """Apply the layout ``parallel`` to ``model`` (already on its device and dtype, the same on
-    every rank) as its description ``desc`` allows.
+    every rank) as its description ``desc`` allows; with ``diloco``, DiLoCo over dp in place of
+    synchronous data parallel.
 
     ``seed``: the run's seed (tensor parallel's dropout stream derives from it); ``tokens_per_step``:
     tokens each dp rank trains on in a step (balances pipeline stages); ``sample``: inputs of one
     micro-batch, to check the description by running its pieces once before anything is split."""
     check(desc, model, sample)
     p, coord = parallel, groups.coord
+    traffic = comm.Traffic()
+    fragments = fragment_names(model, diloco.fragments, desc.tied) if diloco is not None else None
     tp = pipeline = None
     tied = bool(list(tied_parameters(desc, model)))
     if p.tp > 1 or p.sequence_parallel:
         tp = apply_tensor_parallel(model, desc, groups.mesh["tp"], sequence_parallel=p.sequence_parallel,
                                    seed=seed_for(seed, "tp", dp_rank=coord.dp_rank, tp_rank=coord.tp_rank,
-                                                 pp_rank=coord.pp_rank))
+                                                 pp_rank=coord.pp_rank), tally=traffic.tally("tp"))
         if tp.vocab_parallel and desc.loss is not None:
             raise DescriptionError("loss", getattr(desc.loss, "__name__", "loss"), "a vocab_head makes the loss "
                                    "vocabulary-parallel (next-token cross-entropy): leave loss unset, or style "
@@ -309,23 +320,29 @@ def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parall
     if p.pp > 1:
         pipeline = apply_pipeline(model, desc, groups.pp, schedule=p.schedule, virtual_stages=p.virtual_stages,
                                   stage_layers=p.stage_layers, tokens_per_step=tokens_per_step,
-                                  seq_shards=p.tp if p.sequence_parallel else 1)
+                                  seq_shards=p.tp if p.sequence_parallel else 1, tally=traffic.tally("pp"))
     split_tie = tied and p.pp > 1
     copy = tied_copy(desc, model) if split_tie else None
-    return ParallelModel(model, desc, groups, _data_strand(model, desc, groups, p, copy), tp, pipeline,
-                         split_tie, copy)
+    data = _data_strand(model, desc, groups, p, copy, traffic, diloco, fragments)
+    return ParallelModel(model, desc, groups, data, tp, pipeline, split_tie, copy, traffic)
 
 
 def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: ParallelConfig,
-                 tied: nn.Parameter | None) -> DataParallelStrand:
-    """The data-parallel strand of ``p.zero``; under ZeRO this rank's copy of a tied weight split
-    over pipeline stages gets storage of its own, so that its slices line up between the two stages."""
+                 tied: nn.Parameter | None, traffic: comm.Traffic, diloco: DilocoConfig | None,
+                 fragments: dict[str, int] | None) -> DataParallelStrand:
+    """The data-parallel strand: DiLoCo if asked, else by ``p.zero``; under ZeRO this rank's copy
+    of a tied weight split over pipeline stages gets storage of its own, so that its slices line up
+    between the two stages."""
+    if diloco is not None:
+        return DiLoCo(model, groups.dp, inner_steps=diloco.inner_steps, outer_lr=diloco.outer_lr,
+                      outer_momentum=diloco.outer_momentum, fragments=diloco.fragments, quantize=diloco.quantize,
+                      fragment_of=fragments, tally=traffic.tally("diloco"))
     isolate = tied if p.zero else None
     if p.zero == 3:
-        return Zero3(model, groups.dp, units=desc.block_list(model), isolate=isolate)
+        return Zero3(model, groups.dp, units=desc.block_list(model), isolate=isolate, tally=traffic.tally("zero"))
     if p.zero:
-        return ZeroDataParallel(model, groups.dp, stage=p.zero, isolate=isolate)
-    return DataParallel(model, groups.dp)
+        return ZeroDataParallel(model, groups.dp, stage=p.zero, isolate=isolate, tally=traffic.tally("zero"))
+    return DataParallel(model, groups.dp, tally=traffic.tally("dp"))
 
 
 __all__ = ["ParallelModel", "parallelize"]

@@ -1,7 +1,7 @@
 """The contract of a data-parallel strand: what ``parallelize`` and ``ParallelModel`` ask of it.
 
 Plain data parallel (``data.py``), ZeRO-1/2 (``zero.py``) and ZeRO-3 (``zero3.py``) implement it;
-a parameter server and DiLoCo are the next two. Each is built on the local model (after tensor and
+DiLoCo (``diloco.py``) too; a parameter server is the next. Each is built on the local model (after tensor and
 pipeline parallel have split it) and the dp group, and owns everything that travels over dp.
 
 One optimizer step, as ``ParallelModel`` drives it::
@@ -82,6 +82,9 @@ class DataParallelStrand(abc.ABC):
 
     def after_step(self) -> None:  # noqa: B027
         """After the optimizer step."""
+
+    def flush(self) -> None:  # noqa: B027
+        """At the end of training: finish anything still in flight."""
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:

@@ -42,9 +42,9 @@ from ..errors import DescriptionError
 from ..models.description import IGNORE, ModelDescription, param_owner, set_module, tied_parameters, within
 
 
-def _enter(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+def _enter(x: torch.Tensor, group, sequence_parallel: bool, tally: comm.Tally | None = None) -> torch.Tensor:
     """Into a tp region: f, or the sequence all-gather under sequence parallel."""
-    return comm.gather_seq(x, group) if sequence_parallel else comm.copy_to_tp(x, group)
+    return comm.gather_seq(x, group, tally) if sequence_parallel else comm.copy_to_tp(x, group, tally)
 
 
 def _shard(t: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
@@ -60,11 +60,12 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, entry: bool = False,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, tally: comm.Tally | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.group, self.entry, self.sequence_parallel = group, entry, sequence_parallel
+        self.tally = tally  # counts the bytes sent over tp
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group, **kw) -> ColumnParallelLinear:
@@ -74,7 +75,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry:
-            x = _enter(x, self.group, self.sequence_parallel)  # (B, S, H), full sequence
+            x = _enter(x, self.group, self.sequence_parallel, self.tally)  # (B, S, H), full sequence
         return F.linear(x, self.weight, self.bias)  # (B, S, out/tp)
 
 
@@ -85,11 +86,12 @@ class RowParallelLinear(nn.Module):
     the replicated bias is added after the reduction. backward: identity (or all-gather along seq).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sequence_parallel: bool = False,
+                 tally: comm.Tally | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.tally = group, sequence_parallel, tally
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group, **kw) -> RowParallelLinear:
@@ -100,9 +102,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)  # (B, S, H), a partial sum
         if self.sequence_parallel:
-            y = comm.reduce_scatter_seq(y, self.group)  # (B, S/tp, H)
+            y = comm.reduce_scatter_seq(y, self.group, self.tally)  # (B, S/tp, H)
         else:
-            y = comm.reduce_from_tp(y, self.group)
+            y = comm.reduce_from_tp(y, self.group, self.tally)
         return y + self.bias if self.bias is not None else y
 
 
@@ -119,23 +121,23 @@ class VocabParallelEmbedding(nn.Module):
     tp. backward: identity; each rank's gradient lands in its own rows only.
     """
 
-    def __init__(self, weight: torch.Tensor, vocab_start: int, group):
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group, tally: comm.Tally | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.vocab_start, self.group = vocab_start, group
+        self.vocab_start, self.group, self.tally = vocab_start, group, tally
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, group, padded_vocab: int) -> VocabParallelEmbedding:
+    def from_embedding(cls, emb: nn.Embedding, group, padded_vocab: int, **kw) -> VocabParallelEmbedding:
         r, tp = dist.get_rank(group), dist.get_world_size(group)
         full = _padded_rows(emb.weight, padded_vocab)
-        return cls(_shard(full, 0, r, tp), r * padded_vocab // tp, group)
+        return cls(_shard(full, 0, r, tp), r * padded_vocab // tp, group, **kw)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, S, H)
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
-        return comm.reduce_from_tp(x, self.group)
+        return comm.reduce_from_tp(x, self.group, self.tally)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -146,7 +148,7 @@ class _VocabParallelCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, vocab_start, vocab, group):
+    def forward(ctx, logits, target, vocab_start, vocab, group, tally):
         n_local = logits.shape[-1]
         valid = min(max(vocab - vocab_start, 0), n_local)  # real (unpadded) columns on this rank
         # our own copy, at least float32 (bf16 logits under autocast are upcast by this one copy)
@@ -154,7 +156,7 @@ class _VocabParallelCE(torch.autograd.Function):
         if valid < n_local:
             logits[:, valid:] = float("-inf")
         gmax = logits.max(dim=-1).values
-        comm.all_reduce_(gmax, group, op=dist.ReduceOp.MAX)
+        comm.all_reduce_(gmax, group, op=dist.ReduceOp.MAX, tally=tally)
         logits.sub_(gmax.unsqueeze(-1))
         local_t = target - vocab_start
         mine = (local_t >= 0) & (local_t < n_local)
@@ -162,7 +164,7 @@ class _VocabParallelCE(torch.autograd.Function):
         picked = logits.gather(1, local_t.unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
         probs = logits.exp_()  # (N, V/tp), in place: the only (N, V/tp) buffer kept
         stats = torch.stack([probs.sum(dim=-1), picked])  # (2, N)
-        comm.all_reduce_(stats, group)
+        comm.all_reduce_(stats, group, tally=tally)
         probs.div_(stats[0].unsqueeze(-1))
         ctx.save_for_backward(probs, local_t, mine)
         return stats[0].log() - stats[1]
@@ -172,14 +174,14 @@ class _VocabParallelCE(torch.autograd.Function):
         probs, local_t, mine = ctx.saved_tensors
         g = probs.clone()
         g[torch.arange(len(g), device=g.device), local_t] -= mine.to(g.dtype)
-        return g.mul_(grad.unsqueeze(-1)), None, None, None, None
+        return g.mul_(grad.unsqueeze(-1)), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab: int,
-                                 group) -> torch.Tensor:
+                                 group, tally: comm.Tally | None = None) -> torch.Tensor:
     """Per-token loss (N,) from this rank's logits (N, V/tp) and the targets (N,), in float32 or
     better; the gradient returns in the logits' dtype."""
-    return _VocabParallelCE.apply(logits, target, vocab_start, vocab, group)
+    return _VocabParallelCE.apply(logits, target, vocab_start, vocab, group, tally)
 
 
 class RNGTracker:
@@ -244,6 +246,7 @@ class TensorParallel:
     vocab_start: int = 0
     padded_vocab: int = 0
     rng: RNGTracker | None = None  # the stream of sharded dropout (its state is checkpointed)
+    tally: comm.Tally | None = None  # bytes sent over tp in training
 
     @property
     def vocab_parallel(self) -> bool:
@@ -257,7 +260,7 @@ class TensorParallel:
         target = target.flatten()
         keep = target != IGNORE
         losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.masked_fill(~keep, 0), self.vocab_start,
-                                              self.vocab, self.group) * keep
+                                              self.vocab, self.group, self.tally) * keep
         return losses.sum() if reduction == "sum" else losses.sum() / keep.sum()
 
     def finish_grads(self, grads: list[torch.Tensor | None]) -> None:
@@ -267,7 +270,7 @@ class TensorParallel:
         if not grads or self.tp == 1:
             return
         flat = torch.cat([g.flatten() for g in grads])
-        comm.all_reduce_(flat, self.group)
+        comm.all_reduce_(flat, self.group, tally=self.tally)
         for g, summed in zip(grads, comm.views_of(grads, flat)):
             g.copy_(summed)
 
@@ -291,11 +294,12 @@ class TensorParallel:
 
 
 def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, sequence_parallel: bool = False,
-                          seed: int = 0) -> TensorParallel:
+                          seed: int = 0, tally: comm.Tally | None = None) -> TensorParallel:
     """Replace the modules that ``desc.tp`` names with their tp form, in place, copying weight slices.
 
     ``mesh``: the 1-D tp DeviceMesh; ``seed``: of the stream that sharded dropout draws from (this
-    rank's; ``seeds.seed_for(..., "tp")``). Every rank must hold the same full model (same seed).
+    rank's; ``seeds.seed_for(..., "tp")``); ``tally``: counts the bytes sent over tp. Every rank
+    must hold the same full model (same seed).
     Tied parameters stay tied: the output layer and the embedding share the same vocabulary shard.
     """
     group = mesh.get_group()
@@ -315,28 +319,29 @@ def apply_tensor_parallel(model: nn.Module, desc: ModelDescription, mesh, *, seq
         raise DescriptionError("tp.styles", "no vocab_head", "sequence parallel needs the output layer styled "
                                "vocab_head, which gathers the sequence before the outputs")
     padded = -(-vocab // tp) * tp if vocab else 0
-    ctx = _Styling(group, tp, rank, sequence_parallel, padded)
+    ctx = _Styling(group, tp, rank, sequence_parallel, padded, tally)
     for name, style in styles.items():
         ctx.apply(model, name, model.get_submodule(name), style)
     for out_name, in_name in tied:
         set_module(model, out_name, model.get_parameter(in_name))
     if sequence_parallel:
-        desc.block_list(model)[0].register_forward_pre_hook(lambda _m, args: (_scatter(args[0], group), *args[1:]))
+        desc.block_list(model)[0].register_forward_pre_hook(
+            lambda _m, args: (_scatter(args[0], group, tally), *args[1:]))
     regions = [n for n, s in styles.items() if s == "region"]
     partial = _partial(model, desc, styles, regions, ctx.sharded, sequence_parallel)
     tracker = RNGTracker(seed, next(model.parameters()).device)
     _track_random(model, desc, regions, sequence_parallel, tracker)
     return TensorParallel(mesh, group, tp, sequence_parallel, ctx.sharded, partial, vocab if has_head else 0,
-                          rank * padded // tp if has_head else 0, padded, tracker)
+                          rank * padded // tp if has_head else 0, padded, tracker, tally)
 
 
-def _scatter(x: torch.Tensor, group) -> torch.Tensor:
+def _scatter(x: torch.Tensor, group, tally: comm.Tally | None = None) -> torch.Tensor:
     """Into the sequence-parallel part of the model: keep this rank's slice of the sequence."""
     tp = comm.group_size(group)
     if x.shape[1] % tp:
         raise DescriptionError("embed", tuple(x.shape), f"sequence parallel splits the sequence over tp={tp}: "
                                "its length must divide by tp")
-    return comm.scatter_seq(x, group)
+    return comm.scatter_seq(x, group, tally)
 
 
 def _partial(model: nn.Module, desc: ModelDescription, styles: dict[str, str], regions: list[str], sharded: dict,
@@ -379,12 +384,13 @@ class _Styling:
     rank: int
     sequence_parallel: bool
     padded_vocab: int
+    tally: comm.Tally | None = None
     sharded: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def apply(self, model: nn.Module, name: str, module: nn.Module, style: str) -> None:
-        g, sp = self.group, self.sequence_parallel
+        g, sp, c = self.group, self.sequence_parallel, self.tally
         if style == "region":  # f (or the seq all-gather) once at the input
-            module.register_forward_pre_hook(lambda _m, args: (_enter(args[0], g, sp), *args[1:]))
+            module.register_forward_pre_hook(lambda _m, args: (_enter(args[0], g, sp, c), *args[1:]))
             return
         kind = {"column": nn.Linear, "row": nn.Linear, "vocab_head": nn.Linear, "vocab_embedding": nn.Embedding}
         if not isinstance(module, kind[style]):
@@ -406,18 +412,19 @@ class _Styling:
         if style == "column":
             for what in ("weight", "bias") if module.bias is not None else ("weight",):
                 self.sharded[f"{name}.{what}"] = (0, module.out_features)
-            return ColumnParallelLinear.from_linear(module, g)
+            return ColumnParallelLinear.from_linear(module, g, tally=self.tally)
         if style == "row":
             self.sharded[f"{name}.weight"] = (1, module.in_features)
-            return RowParallelLinear.from_linear(module, g, sequence_parallel=sp)
+            return RowParallelLinear.from_linear(module, g, sequence_parallel=sp, tally=self.tally)
         if style == "vocab_embedding":
             self.sharded[f"{name}.weight"] = (0, module.num_embeddings)
-            return VocabParallelEmbedding.from_embedding(module, g, self.padded_vocab)
+            return VocabParallelEmbedding.from_embedding(module, g, self.padded_vocab, tally=self.tally)
         if module.bias is not None:
             raise DescriptionError(f"tp style of {name}", style, "a vocab_head must have no bias")
         self.sharded[f"{name}.weight"] = (0, module.out_features)
         weight = _padded_rows(module.weight, self.padded_vocab)
-        return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), None, g, entry=True, sequence_parallel=sp)
+        return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), None, g, entry=True, sequence_parallel=sp,
+                                    tally=self.tally)
 
 
 def _track_random(model: nn.Module, desc: ModelDescription, regions: list[str], sequence_parallel: bool,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import comm
 from .data import Bucket, GradBuckets, all_reduce_mean, bucket_layout
 from .flat import FlatLayout, flatten_into
 from .protocol import DataParallelStrand
@@ -46,9 +47,10 @@ class ZeroDataParallel(DataParallelStrand):
     shards_grads = True  # the optimizer's segments are this rank's slices
 
     def __init__(self, module: nn.Module, group, *, stage: int, isolate: nn.Parameter | None = None,
-                 bucket_mb: float = 25.0, first_bucket_mb: float = 1.0):
-        """``isolate``: a parameter that gets a bucket of its own (see ``bucket_layout``)."""
-        self.stage, self.group = stage, group
+                 bucket_mb: float = 25.0, first_bucket_mb: float = 1.0, tally: comm.Tally | None = None):
+        """``isolate``: a parameter that gets a bucket of its own (see ``bucket_layout``); ``tally``:
+        counts the bytes sent over dp."""
+        self.stage, self.group, self.tally = stage, group, tally
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         params = [p for p in module.parameters() if p.requires_grad]
         layouts = [FlatLayout(tuple(ps), self.dp, self.rank)
@@ -75,8 +77,10 @@ class ZeroDataParallel(DataParallelStrand):
         """backward, stage 1: all-reduce (mean) the bucket over dp; stage 2: reduce-scatter (mean)
         it, each rank receiving its slice."""
         if self.stage < 2:
-            return all_reduce_mean(b, self.group, self.dp)
+            return all_reduce_mean(b, self.group, self.dp, self.tally)
         b.buffer.div_(self.dp)
+        if self.tally is not None:
+            self.tally.reduce_scatter(b.buffer, self.dp)
         return dist.reduce_scatter_single(self._shard_of[id(b)].grad, b.buffer, group=self.group, async_op=True)
 
     def no_sync(self):
@@ -103,6 +107,8 @@ class ZeroDataParallel(DataParallelStrand):
         """All-gather every bucket's parameters from the updated slices (over dp)."""
         for sh in self.shards:
             mine = sh.layout.mine(sh.flat).clone()
+            if self.tally is not None:
+                self.tally.all_gather(mine, self.dp)
             dist.all_gather_single(sh.flat, mine, group=self.group)
 
     def grad_bytes(self) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..comm import views_of
+from ..comm import Tally, views_of
 from ..errors import ConfigError
 from .flat import FlatLayout, flatten_into, release, restore
 from .protocol import DataParallelStrand
@@ -55,10 +55,12 @@ class Zero3(DataParallelStrand):
 
     shards_grads = True
 
-    def __init__(self, module: nn.Module, group, *, units: list[nn.Module], isolate: nn.Parameter | None = None):
+    def __init__(self, module: nn.Module, group, *, units: list[nn.Module], isolate: nn.Parameter | None = None,
+                 tally: Tally | None = None):
         """``units``: the modules gathered one at a time (the model's blocks); ``isolate``: a
-        parameter kept in a unit of its own (see ``data.bucket_layout``)."""
-        self.module, self.group = module, group
+        parameter kept in a unit of its own (see ``data.bucket_layout``); ``tally``: counts the
+        bytes sent over dp."""
+        self.module, self.group, self.tally = module, group, tally
         self.dp, self.rank = dist.get_world_size(group), dist.get_rank(group)
         trained = [(u, [p for p in u.parameters() if p.requires_grad]) for u in units]
         units = [u for u, params in trained if params]  # a frozen block stays whole, outside ZeRO-3
@@ -106,6 +108,8 @@ class Zero3(DataParallelStrand):
         if u.gathered:
             return
         restore(u.full)
+        if self.tally is not None:
+            self.tally.all_gather(u.shard, self.dp)
         dist.all_gather_single(u.alias, u.shard, group=self.group)
         u.gathered = True
 
@@ -139,6 +143,8 @@ class Zero3(DataParallelStrand):
         """backward: reduce-scatter (mean) the unit's full gradient over dp into this rank's slice."""
         part = torch.empty_like(u.shard_grad)
         u.grad.div_(self.dp)
+        if self.tally is not None:
+            self.tally.reduce_scatter(u.grad, self.dp)
         dist.reduce_scatter_single(part, u.grad, group=self.group)
         u.shard_grad.add_(part)
         for p in u.params:

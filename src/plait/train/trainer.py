@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import comm
@@ -87,7 +88,7 @@ def build_parallel(cfg: RunConfig, groups: Groups, device: torch.device) -> tupl
     n = num_params(model)
     sample = None if device.type == "meta" else torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
     pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg),
-                     sample=sample)
+                     sample=sample, diloco=cfg.diloco)
     return pm, n
 
 
@@ -132,6 +133,8 @@ class Trainer:
                                              self.meter if first else None)
         if first:
             self.activation_peak = self.meter.peak
+        if step + 1 == self.cfg.train.steps:
+            self.pm.flush()  # the run's last step: nothing may stay in flight
         dt = time.perf_counter() - t0
         tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
         if self.mem is None:  # the tensors do not change after the first step (its optimizer states included)
@@ -139,7 +142,16 @@ class Trainer:
         mem = self.mem
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else sum(mem.values())
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-                "step_time_s": dt, "mem_peak_bytes": peak, **{f"mem_{k}_bytes": v for k, v in mem.items()}}
+                "step_time_s": dt, "mem_peak_bytes": peak, **{f"mem_{k}_bytes": v for k, v in mem.items()},
+                **self.sent()}
+
+    def sent(self) -> dict[str, int]:
+        """What this rank sent since the last call (one step): ``comm_bytes``, the same as
+        ``comm_peak_bytes`` (the most in one step of the row; a row is a step), and one
+        ``comm_<strand>_bytes`` per strand that sent anything."""
+        by_strand = self.pm.traffic.take()
+        total = sum(by_strand.values())
+        return {"comm_bytes": total, "comm_peak_bytes": total, **{f"comm_{k}_bytes": v for k, v in by_strand.items()}}
 
     def memory(self) -> dict[str, int]:
         """Bytes per rank by kind, counted from the tensors themselves."""
@@ -156,6 +168,7 @@ class Trainer:
         self.model.eval()
         total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
+        self.pm.traffic.take()  # evaluation's forward passes are not training's traffic
         held = self.pm.holds_loss  # only the last pipeline stage has the loss
         return comm.weighted_mean(total if held else 0.0, y.numel() if held else 0.0)
 
@@ -248,12 +261,32 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> Tra
         if ckpt.due(row["step"], steps):
             ckpt.save(row["step"], trainer.pm, trainer.optimizer, {})
     ckpt.wait()
+    _report_traffic(trainer, writer, steps - start)
     if writer:
         writer.close()
         from ..viz import plot_losses
 
         plot_losses(writer.rows, opts.out / "loss.png")
     return result
+
+
+def _report_traffic(trainer: Trainer, writer: MetricsWriter | None, steps: int) -> None:
+    """Say how much this rank, and the rank that sent most, sent over the run, by strand
+    (collective: every rank's totals are gathered)."""
+    totals = trainer.pm.traffic.totals()
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sum(totals.values()))
+    if writer is None or steps <= 0:
+        return
+    peak = max((r.get("comm_peak_bytes", 0) for r in writer.rows[-steps:]), default=0)
+    strands = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(totals.items())) or "nothing"
+    busiest = max(range(len(every)), key=every.__getitem__)
+    writer.say(f"communication: rank 0 sent {_mb(sum(totals.values()))} in {steps} steps ({strands}); at most "
+               f"{_mb(peak)} in one step; the busiest rank, {busiest}, sent {_mb(every[busiest])}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _timeline(trainer: Trainer, opts: RunOptions, lead: bool) -> dict | None:

@@ -82,8 +82,9 @@ class PipelineParallel:
     """Executes schedules on this rank's chunks of ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, desc: ModelDescription, chunks: list[Chunk], schedule: Schedule, group,
-                 *, seq_shards: int = 1, stage_sizes: tuple[int, ...] = ()):
+                 *, seq_shards: int = 1, stage_sizes: tuple[int, ...] = (), tally=None):
         self.model, self.desc, self.chunks, self.schedule = model, desc, chunks, schedule
+        self.tally = tally  # comm.Tally: bytes sent to other stages
         self.pp, self.pp_rank = dist.get_world_size(group), dist.get_rank(group)
         self._global = [dist.get_global_rank(group, r) for r in range(self.pp)]
         self.seq_shards = seq_shards  # sequence parallel: stages exchange 1/tp of the sequence
@@ -158,6 +159,8 @@ class PipelineParallel:
             raise DescriptionError("hidden", tuple(t.shape), f"a pipeline stage must pass (micro-batch, sequence, "
                                    f"hidden) = {want}: check hidden, and that blocks keep the shape")
         t = t.detach().to(self.dtype).contiguous()
+        if self.tally is not None:
+            self.tally.send(t)
         if self.sends is None:  # forward only
             self._sends.append((dist.isend(t, self.stage_rank(msg[1]), tag=self._tag(msg)), t))
             return

@@ -27,13 +27,13 @@ __all__ = ["apply_pipeline", "tied_copy"]
 
 def apply_pipeline(model: nn.Module, desc: ModelDescription, group, *, schedule: str, virtual_stages: int = 1,
                    stage_layers: tuple[int, ...] = (), tokens_per_step: int | None = None,
-                   seq_shards: int = 1) -> PipelineParallel:
+                   seq_shards: int = 1, tally: comm.Tally | None = None) -> PipelineParallel:
     """Keep only this rank's stages of ``model`` (in place) and return their runtime.
 
     ``group``: the pp group (this rank's pipeline); ``tokens_per_step``: tokens each dp rank
     trains on in a step, to weigh compute against optimizer work when balancing (None: an even
     split of the blocks); ``seq_shards``: the sequence-parallel split of what travels between
-    stages (tp, or 1)."""
+    stages (tp, or 1); ``tally``: counts the bytes sent to other stages."""
     pp, v = comm.group_size(group), virtual_stages
     n = len(desc.block_list(model))
     stages = pp * v
@@ -49,7 +49,7 @@ def apply_pipeline(model: nn.Module, desc: ModelDescription, group, *, schedule:
     chunks = [Chunk(s, tuple(str(i) for i in blocks[s]), s == 0, s == stages - 1) for s in range(rank, stages, pp)]
     _keep_local(model, desc, chunks)
     return PipelineParallel(model, desc, chunks, schedules.get(schedule), group, seq_shards=seq_shards,
-                            stage_sizes=tuple(counts))
+                            stage_sizes=tuple(counts), tally=tally)
 
 
 def _costs(desc: ModelDescription, model: nn.Module, tokens: int | None) -> tuple[float, float, float]:

@@ -1,0 +1,90 @@
+"""DiLoCo's pieces without processes: fragments, the wire formats, its keys; the traffic counter."""
+
+import pytest
+import torch
+from torch import nn
+
+from plait import config as C
+from plait.comm import Tally, Traffic
+from plait.errors import ConfigError
+from plait.parallel.diloco import fragment_names, quantized_mean, split_by_bytes
+from plait.verify import layout_name, parse_layouts
+
+
+def test_tally_counts_the_ring_volume_of_each_collective():
+    t, x = Tally(), torch.zeros(1000)  # 4000 bytes
+    t.all_reduce(x, 4)
+    assert t.sent == 6000  # 2(n-1)/n
+    t.all_gather(x, 4)
+    assert t.sent == 6000 + 12000  # (n-1) times its own part
+    t.reduce_scatter(x, 4)
+    assert t.sent == 18000 + 3000  # (n-1)/n
+    t.send(x)
+    assert t.sent == 25000
+
+
+def test_traffic_takes_what_was_sent_since_the_last_take():
+    tr = Traffic()
+    tr.tally("dp").send(torch.zeros(2))
+    tr.tally("tp").send(torch.zeros(1, dtype=torch.float64))
+    assert tr.take() == {"dp": 8, "tp": 8}
+    assert tr.take() == {}
+    tr.tally("dp").send(torch.zeros(1))
+    assert tr.take() == {"dp": 4} and tr.totals() == {"dp": 12, "tp": 8}
+
+
+def test_fragments_split_by_bytes_in_order():
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 10, 10, 10, 40)]
+    parts = split_by_bytes(params, 2)
+    assert [len(p) for p in parts] == [4, 1]
+    assert [len(p) for p in split_by_bytes(params[:1], 3)].count(0) == 2  # fewer parameters than parts
+
+
+def test_a_tied_output_weight_syncs_with_its_input():
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    names = fragment_names(model, 2, tied=(("3.weight", "0.weight"),))
+    assert names["3.weight"] == names["0.weight"] == 0 and names["2.weight"] == 1
+
+
+@pytest.mark.parametrize("fmt, tol", [("none", 1e-15), ("bf16", 1e-2), ("fp8", 8e-2)])
+def test_quantized_mean_is_the_mean_within_the_format(fmt, tol):
+    torch.manual_seed(0)
+    flats = [torch.randn(1001, dtype=torch.float64) for _ in range(3)]
+    got, want = quantized_mean(flats, fmt), sum(flats) / 3
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    assert float((got - want).norm() / want.norm()) < tol
+
+
+@pytest.mark.parametrize("item, field", [
+    ("diloco.inner_steps=0", "diloco.inner_steps"),
+    ("diloco.inner_steps=-3", "diloco.inner_steps"),
+    ("diloco.outer_lr=0", "diloco.outer_lr"),
+    ("diloco.outer_momentum=1", "diloco.outer_momentum"),
+    ("diloco.fragments=20", "diloco.fragments"),
+    ("diloco.quantize=int4", "diloco.quantize"),
+])
+def test_bad_diloco_keys_name_the_field(item, field):
+    cfg = C.load(None, ["diloco.inner_steps=10", item])
+    with pytest.raises(ConfigError) as e:
+        C.resolve(cfg, 2)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_diloco_with_zero_is_refused():
+    with pytest.raises(ConfigError, match="parallel.zero"):
+        C.resolve(C.load(None, ["diloco.inner_steps=10", "parallel.zero=1"]), 2)
+
+
+def test_diloco_is_off_unless_a_key_is_given():
+    assert C.load(None, []).diloco is None and "diloco" not in C.to_toml(C.load(None, []))
+    cfg = C.load(None, ["diloco.inner_steps=10"])
+    assert cfg.diloco.inner_steps == 10 and cfg.diloco.outer_lr == 0.7
+    assert "[diloco]" in C.to_toml(cfg)
+
+
+def test_verify_layouts_take_section_keys():
+    layout = parse_layouts("dp=2,diloco.inner_steps=10,diloco.quantize=fp8")[0]
+    assert layout == {"parallel": {"dp": "2"}, "diloco": {"inner_steps": "10", "quantize": "fp8"}}
+    assert layout_name(layout) == "dp=2,diloco.inner_steps=10,diloco.quantize=fp8"
+    with pytest.raises(ConfigError, match="diloco.inner_steps"):
+        parse_layouts("dp=2,diloco.no_such=1")
