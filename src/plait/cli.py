@@ -111,9 +111,11 @@ def default_nproc(cfg: C.RunConfig) -> int:
     """Visible GPUs on CUDA, else CPU cores; at least tp*pp (and dp*tp*pp when dp is given)."""
     from .launch import local_slots
 
-    n = local_slots()
-    p = cfg.parallel
-    return p.dp * p.tp * p.pp if p.dp else max(n - n % (p.tp * p.pp), p.tp * p.pp)
+    s, p = C.servers(cfg), cfg.parallel
+    if p.dp:
+        return p.dp * p.tp * p.pp + s
+    n = local_slots() - s
+    return max(n - n % (p.tp * p.pp), p.tp * p.pp) + s
 
 
 def nproc_for(args: argparse.Namespace, cfg: C.RunConfig) -> int:
@@ -164,6 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
+    if cfg.ps is not None and (start or args.max_restarts or args.dry_run):
+        flag = "--resume" if start else "--max-restarts" if args.max_restarts else "--dry-run"
+        raise ConfigError(flag, "ps.*", "not with a parameter server yet: its optimizer states live on the servers, "
+                          "which checkpoints and the dry run do not cover")
     if args.dry_run:
         return _dry_run(cfg, nproc)
     rank = int(os.environ.get("RANK", "0")) if _torchrun() else 0
@@ -247,7 +253,8 @@ def _run_with_restarts(worker, nproc: int, cfg: C.RunConfig, opts, max_restarts:
 
     for attempt in range(max_restarts + 1):
         try:  # each process its share of the cores
-            return run_local(worker, nproc, (cfg, opts), threads=threads_per_process(nproc))[0]
+            return run_local(worker, nproc, (cfg, opts), threads=threads_per_process(nproc),
+                             tolerate=_may_be_lost(cfg))[0]
         except WorkerFailed as e:
             if attempt == max_restarts:
                 raise
@@ -258,6 +265,14 @@ def _run_with_restarts(worker, nproc: int, cfg: C.RunConfig, opts, max_restarts:
             print(f"plait: {e} after step {died}; restart {attempt + 1} of {max_restarts}, resuming from {where}",
                   file=sys.stderr)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _may_be_lost(cfg: C.RunConfig) -> frozenset[int]:
+    """The ranks whose death the run survives: an asynchronous parameter server's workers but
+    rank 0 (which writes the run's outputs); the servers go on without them."""
+    if cfg.ps is None or cfg.ps.mode == "sync":
+        return frozenset()
+    return frozenset(range(1, cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp))
 
 
 def _manifest_step(path: Path) -> int:

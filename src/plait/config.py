@@ -26,6 +26,7 @@ else:  # pragma: no cover
 FLAVOURS = ("gpt2", "llama")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 QUANTIZE = ("none", "bf16", "fp8")
+PS_MODES = ("sync", "async", "ssp")
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,25 @@ class DilocoConfig:
 
 
 @dataclass(frozen=True)
+class PsConfig:
+    """A parameter server in place of synchronous data parallel: given at all, it is on."""
+
+    servers: int = 1  # server ranks beside the dp x tp x pp workers
+    mode: str = "sync"  # sync (one update from the mean), async (each gradient as it comes), ssp
+    staleness: int = 2  # ssp: no worker more than this many pushes ahead of the slowest
+    staleness_lr: bool = False  # async / ssp: divide a gradient's learning rate by its staleness
+    slow_worker: str = ""  # "W:F": worker (dp rank) W takes F times as long a step (tests, demos)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    diloco: DilocoConfig | None = None  # optional sections: None unless a key of theirs is given
+    ps: PsConfig | None = None  # optional sections: None unless a key of theirs is given
+    diloco: DilocoConfig | None = None
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -122,9 +135,10 @@ _SECTIONS = {
     "train": TrainConfig,
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
+    "ps": PsConfig,
     "diloco": DilocoConfig,
 }
-OPTIONAL_SECTIONS = ("diloco",)  # giving any key of one switches its strand on
+OPTIONAL_SECTIONS = ("ps", "diloco")  # giving any key of one switches its strand on
 
 
 def _field_type(section: str, f: dataclasses.Field) -> type:
@@ -261,13 +275,19 @@ def _toml_value(value: object) -> str:
 def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
     """Fill the automatic values (dp, kv_heads, ffn_hidden) for ``nproc`` processes, then validate."""
     m, p = cfg.model, cfg.parallel
-    if p.dp == 0 and nproc % (p.tp * p.pp) == 0 and p.tp > 0 and p.pp > 0:
-        p = replace(p, dp=nproc // (p.tp * p.pp))
+    workers = nproc - servers(cfg)
+    if p.dp == 0 and p.tp > 0 and p.pp > 0 and workers > 0 and workers % (p.tp * p.pp) == 0:
+        p = replace(p, dp=workers // (p.tp * p.pp))
     kv = m.kv_heads or m.heads
     ffn = m.ffn_hidden or default_ffn_hidden(m.flavour, m.hidden)
     cfg = replace(cfg, model=replace(m, kv_heads=kv, ffn_hidden=ffn), parallel=p)
     validate(cfg, nproc)
     return cfg
+
+
+def servers(cfg: RunConfig) -> int:
+    """Server ranks beside the workers (a parameter server's), else 0."""
+    return cfg.ps.servers if cfg.ps is not None else 0
 
 
 def default_ffn_hidden(flavour: str, hidden: int) -> int:
@@ -284,7 +304,9 @@ def _positive(name: str, value: int | float) -> None:
 def validate(cfg: RunConfig, nproc: int) -> None:
     """Check every rule once; raise ConfigError naming the first broken one."""
     _validate_model(cfg.model)
-    _validate_parallel(cfg.parallel, nproc)
+    if cfg.ps is not None:
+        _validate_ps(cfg, nproc)
+    _validate_parallel(cfg.parallel, nproc - servers(cfg), servers(cfg))
     _validate_tensor_parallel(cfg.model, cfg.parallel)
     _validate_pipeline(cfg)
     _validate_train(cfg.train, cfg.parallel)
@@ -354,7 +376,8 @@ def resolve_layout(p: ParallelConfig, nproc: int) -> ParallelConfig:
     return p
 
 
-def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
+def _validate_parallel(p: ParallelConfig, nproc: int, servers: int = 0) -> None:
+    """``nproc``: the worker processes (those left beside ``servers`` server ranks)."""
     for key in ("tp", "pp", "virtual_stages"):
         _positive(f"parallel.{key}", getattr(p, key))
     if p.dp < 0:
@@ -365,9 +388,10 @@ def _validate_parallel(p: ParallelConfig, nproc: int) -> None:
         raise ConfigError("parallel.schedule", p.schedule, f"valid schedules: {', '.join(SCHEDULES)}")
     if p.dp * p.tp * p.pp != nproc:
         dp = p.dp or "auto"
+        left = f" left beside {servers} server rank{'s' if servers > 1 else ''}" if servers else ""
         raise ConfigError(
-            "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes "
-            f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp}",
+            "parallel.dp", dp, f"dp*tp*pp = {dp}*{p.tp}*{p.pp} must equal the {nproc} processes{left} "
+            f"(--nproc); e.g. dp={nproc // (p.tp * p.pp) or 1} or --nproc {max(p.dp, 1) * p.tp * p.pp + servers}",
         )
     if p.zero and p.dp == 1:
         raise ConfigError("parallel.zero", p.zero, "shards over data parallel: needs dp > 1 (dp is 1); use zero=0")
@@ -407,6 +431,49 @@ def _validate_pipeline(cfg: RunConfig) -> None:
                            or (sum(p.stage_layers) != m.layers and not m.builder)):
         raise ConfigError("parallel.stage_layers", ",".join(map(str, p.stage_layers)),
                           f"give {stages} positive block counts summing to model.layers={m.layers}")
+
+
+def _validate_ps(cfg: RunConfig, nproc: int) -> None:
+    s, p = cfg.ps, cfg.parallel
+    if s.mode not in PS_MODES:
+        raise ConfigError("ps.mode", s.mode, f"valid modes: {', '.join(PS_MODES)}")
+    if s.servers < 1:
+        raise ConfigError("ps.servers", s.servers, f"ps.mode={s.mode} needs at least one server rank")
+    workers = p.tp * p.pp * max(p.dp, 1)
+    if s.servers > nproc - workers:
+        raise ConfigError("ps.servers", s.servers, f"{nproc} processes leave at most {max(nproc - workers, 0)} "
+                          f"server ranks beside dp x tp x pp = {workers} workers; use --nproc {workers + s.servers}")
+    if s.staleness < 0:
+        raise ConfigError("ps.staleness", s.staleness, "must be >= 0 (0: every worker waits for the slowest)")
+    if p.zero:
+        raise ConfigError("parallel.zero", p.zero, "the parameter server holds the optimizer states itself; "
+                          "use zero=0 with ps.*")
+    if cfg.diloco is not None:
+        raise ConfigError("ps.mode", s.mode, "a parameter server and DiLoCo are two data-parallel strands: "
+                          "give ps.* or diloco.*, not both")
+    if cfg.checkpoint.async_:
+        raise ConfigError("checkpoint.async", True, "not with a parameter server; use checkpoint.async=false")
+    if s.mode != "sync" and p.tp * p.pp > 1:
+        raise ConfigError("ps.mode", s.mode, f"asynchronous workers are single ranks (tp=pp=1, not tp={p.tp} "
+                          f"pp={p.pp}); ps.mode=sync takes tp and pp workers")
+    slow_worker(s.slow_worker, p.dp)
+
+
+def slow_worker(spec: str, dp: int) -> tuple[int, float] | None:
+    """``ps.slow_worker`` "W:F" as (worker, factor), None when empty; one-line errors otherwise."""
+    if not spec:
+        return None
+    worker, _, factor = spec.partition(":")
+    try:
+        w, f = int(worker), float(factor)
+    except ValueError:
+        raise ConfigError("ps.slow_worker", spec, "expected WORKER:FACTOR, e.g. 1:3.0 (worker 1 three times "
+                          "slower)") from None
+    if not 0 <= w < max(dp, 1):
+        raise ConfigError("ps.slow_worker", spec, f"names worker {w}; the workers are dp ranks 0..{max(dp, 1) - 1}")
+    if f < 1:
+        raise ConfigError("ps.slow_worker", spec, "the factor must be >= 1 (1: as fast as the others)")
+    return w, f
 
 
 def _validate_diloco(d: DilocoConfig, p: ParallelConfig) -> None:

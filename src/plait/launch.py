@@ -91,12 +91,16 @@ def run_local(
     timeout_s: float | None = None,
     collective_timeout_s: float = 600.0,
     threads: int = 1,
+    tolerate: frozenset[int] = frozenset(),
 ) -> list:
     """Run ``fn(*args)`` on ``nproc`` forked ranks with ``threads`` intra-op threads each; return
     the per-rank results in rank order.
 
     Raises :class:`PlaitError` if a worker raised one (a user error), :class:`WorkerFailed` if a
     worker crashed or died or ``timeout_s`` passed; in both cases every worker is stopped first.
+    A rank in ``tolerate`` that dies is only reported (an asynchronous parameter server's worker:
+    the others go on without it); its result is None, and the key ``plait/lost/<rank>`` is set in
+    the run's TCPStore for the ranks that must know.
     """
     ctx = mp.get_context("fork")
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
@@ -112,12 +116,13 @@ def run_local(
         procs.append(p)
         readers.append(reader)
     try:
-        return _supervise(procs, readers, timeout_s)
+        return _supervise(procs, readers, timeout_s, tolerate, env)
     finally:
         _stop_all(procs)
 
 
-def _supervise(procs: list, readers: list, timeout_s: float | None) -> list:
+def _supervise(procs: list, readers: list, timeout_s: float | None, tolerate: frozenset[int] = frozenset(),
+               env: dict | None = None) -> list:
     results: dict[int, tuple] = {}
     exited: set[int] = set()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -134,7 +139,11 @@ def _supervise(procs: list, readers: list, timeout_s: float | None) -> list:
             else:
                 procs[rank].join(5)
                 exited.add(rank)
-                if procs[rank].exitcode != 0:
+                if procs[rank].exitcode != 0 and rank in tolerate and rank not in results:
+                    _lost(rank, procs[rank].exitcode, env)
+                    results[rank] = ("ok", None)
+                    pending.pop(rank, None)
+                elif procs[rank].exitcode != 0:
                     _drain(pending, results)
                     _raise_failure(rank, procs[rank].exitcode, results)
         if deadline is not None and time.monotonic() > deadline:
@@ -144,6 +153,20 @@ def _supervise(procs: list, readers: list, timeout_s: float | None) -> list:
     if missing:
         raise WorkerFailed(f"rank {missing[0]} exited without a result")
     return [results[r][1] for r in range(len(procs))]
+
+
+def _lost(rank: int, exitcode: int, env: dict) -> None:
+    """Report a tolerated rank's death, and tell the others through the run's TCPStore."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
+    print(f"plait: rank {rank} {how}; the run goes on without it", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):  # the store lives in rank 0: gone with it, and then so is the run
+        store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=10), wait_for_workers=False)
+        store.set(f"plait/lost/{rank}", "1")
 
 
 def _send(conn, msg: tuple) -> None:

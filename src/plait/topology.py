@@ -69,15 +69,28 @@ class Topology:
 
 @dataclass(frozen=True)
 class Groups:
-    """Process groups of one rank, passed explicitly to whatever communicates (no globals)."""
+    """Process groups of one rank, passed explicitly to whatever communicates (no globals).
+
+    With a parameter server, ``servers`` ranks follow the ``topology.world`` workers: ``world`` is
+    then the workers' group (what "every rank" means to training), ``ps`` the group the workers
+    and servers exchange gradients and parameters over (gloo), ``server_group`` the servers' own.
+    Without one, ``world`` and ``ps`` are None: the default group."""
 
     topology: Topology
     rank: int
-    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh (of the workers)
     pp: object
     dp: object
     tp: object
     embed: object = None  # first and last pipeline stage of this (dp, tp): tied embeddings (pp > 1)
+    servers: int = 0
+    world: object = None
+    ps: object = None
+    server_group: object = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank >= self.topology.world
 
     @property
     def coord(self) -> Coord:
@@ -85,21 +98,36 @@ class Groups:
 
     @property
     def prefix(self) -> str:
-        """This rank's log prefix, e.g. ``[r3 pp1 dp0 tp1]``."""
+        """This rank's log prefix, e.g. ``[r3 pp1 dp0 tp1]`` (a server: ``[r4 server0]``)."""
+        if self.is_server:
+            return f"[r{self.rank} server{self.rank - self.topology.world}]"
         return self.topology.prefix(self.rank)
 
 
-def build_groups(topology: Topology, device_type: str) -> Groups:
-    """Create the DeviceMesh ``(pp, dp, tp)`` and its per-dimension groups (collective call)."""
+def build_groups(topology: Topology, device_type: str, servers: int = 0) -> Groups:
+    """Create the DeviceMesh ``(pp, dp, tp)`` of the workers and its per-dimension groups, and with
+    ``servers`` server ranks after them the groups a parameter server needs (collective call:
+    servers take part in creating every group)."""
+    import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    if dist.get_world_size() != topology.world:
-        raise ValueError(f"world size {dist.get_world_size()} != pp*dp*tp = {topology.world}")
+    if dist.get_world_size() != topology.world + servers:
+        raise ValueError(f"world size {dist.get_world_size()} != pp*dp*tp + servers = {topology.world} + {servers}")
     shape = (topology.pp, topology.dp, topology.tp)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
-    groups = {d: mesh.get_group(d) for d in DIMS}
-    return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, embed=_embed_group(topology), **groups)
+    if not servers:
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
+        groups = {d: mesh.get_group(d) for d in DIMS}
+        return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, embed=_embed_group(topology), **groups)
+    rank = dist.get_rank()
+    mesh = DeviceMesh(device_type, torch.arange(topology.world).view(shape), mesh_dim_names=DIMS)
+    groups = {d: mesh.get_group(d) if rank < topology.world else None for d in DIMS}
+    embed = _embed_group(topology)
+    world = dist.new_group(list(range(topology.world)))
+    server_group = dist.new_group(list(range(topology.world, topology.world + servers)))
+    ps = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Groups(topology=topology, rank=rank, mesh=mesh, embed=embed, servers=servers, world=world, ps=ps,
+                  server_group=server_group, **groups)
 
 
 def _embed_group(topology: Topology):

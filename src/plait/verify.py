@@ -99,7 +99,7 @@ def layout_config(base: C.RunConfig, layout: dict) -> tuple[C.RunConfig, int]:
     """The layout's resolved config and its process count (dp defaults to 1 here, not auto)."""
     cfg = C.from_dict(layout, replace(base, parallel=replace(base.parallel, dp=0)))
     p = cfg.parallel
-    nproc = max(p.dp, 1) * p.tp * p.pp
+    nproc = max(p.dp, 1) * p.tp * p.pp + C.servers(cfg)
     return C.resolve(cfg, nproc), nproc
 
 
@@ -149,6 +149,9 @@ def check_layout(base: C.RunConfig, layout: dict, ref: TrainResult, tol: float) 
 def own_reference(cfg: C.RunConfig) -> tuple | None:
     """What a layout whose result is not plain training's is compared with instead: the key of
     its one-process reference (DiLoCo: the replicas and the diloco keys), or None."""
+    if cfg.ps is not None and cfg.ps.mode != "sync":
+        raise ConfigError("--layouts", f"ps.mode={cfg.ps.mode}", "an asynchronous server's result depends on "
+                          "timing: verify takes ps.mode=sync, which equals one process")
     if cfg.diloco is None:
         return None
     return ("diloco", cfg.parallel.dp, cfg.diloco)
@@ -165,6 +168,8 @@ def run_verify(base: C.RunConfig, layouts: list[dict], tol: float, progress: boo
     """Run each reference once (the plain one, and one per DiLoCo setting) and every layout; one
     result row per layout."""
     cfgs = [layout_config(base, layout)[0] for layout in layouts]  # all validated before any run
+    for cfg in cfgs:
+        own_reference(cfg)
     load_corpus(base.data, base.model.seq_len, progress=progress)
     refs: dict = {}
     rows = []

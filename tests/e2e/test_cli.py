@@ -66,6 +66,13 @@ BAD = [
     (["--pp", "2", "--set", "parallel.schedule=pipedream"], "parallel.schedule"),
     (["--timeline", "3"], "--timeline"),
     (["--set", "diloco.inner_steps=0"], "diloco.inner_steps"),
+    (["--set", "ps.servers=0"], "ps.servers"),
+    (["--dp", "2", "--nproc", "3", "--set", "ps.servers=2"], "ps.servers"),
+    (["--set", "ps.mode=ssp", "--set", "ps.staleness=-1"], "ps.staleness"),
+    (["--dp", "2", "--zero", "1", "--set", "ps.servers=1"], "parallel.zero"),
+    (["--dp", "2", "--set", "ps.slow_worker=5:3.0"], "ps.slow_worker"),
+    (["--dp", "2", "--set", "ps.slow_worker=fast"], "ps.slow_worker"),
+    (["--tp", "2", "--dp", "1", "--set", "ps.mode=async"], "ps.mode"),
     (["--set", "diloco.outer_lr=0.5"], "diloco.inner_steps"),
     (["--set", "diloco.inner_steps=8", "--set", "diloco.quantize=int8"], "diloco.quantize"),
     (["--set", "diloco.inner_steps=8", "--zero", "1", "--nproc", "2"], "parallel.zero"),
@@ -359,3 +366,26 @@ def test_a_builder_file_that_fails_to_import_is_one_line(tmp_path):
 def test_a_bad_builder_key_is_one_line(value, fragment):
     r = plait("train", "--set", f"model.builder={value}", "--steps", "1")
     assert r.returncode == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_async_parameter_server_run_survives_a_lost_worker(corpus_file, tmp_path):
+    """SIGKILL of worker 1: the server goes on with worker 0, applies every sample of the run (no
+    update lost, none beyond), and the run ends normally with its outputs."""
+    out, steps = tmp_path / "run", 150
+    proc = subprocess.Popen([*PLAIT, "train", *tiny_args(corpus_file), "--dp", "2", "--out", str(out), "--steps",
+                             str(steps), "--set", "ps.mode=async", "--set", "ps.slow_worker=1:2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 5:
+                break
+            time.sleep(0.1)
+        os.kill(sorted(_children(proc.pid))[1], signal.SIGKILL)  # rank 1: worker 1
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "rank 1 was killed by signal 9; the run goes on without it" in err and "the others go on" in err
+    stats = json.loads((out / "ps_server0.json").read_text())
+    assert stats["updates"] == {"pp0.tp0": steps * 2}
+    assert list((out / "checkpoints").iterdir()) and (out / "loss.png").is_file()

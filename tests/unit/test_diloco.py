@@ -88,3 +88,39 @@ def test_verify_layouts_take_section_keys():
     assert layout_name(layout) == "dp=2,diloco.inner_steps=10,diloco.quantize=fp8"
     with pytest.raises(ConfigError, match="diloco.inner_steps"):
         parse_layouts("dp=2,diloco.no_such=1")
+
+
+# --------------------------------------------------------------------------- the parameter server's keys
+
+
+def test_keys_are_dealt_to_servers_by_bytes():
+    from plait.parallel.ps import Key, assign
+
+    keys = [Key((0, 0), f"w{i}", (n,), "float32", True, False) for i, n in enumerate((100, 10, 60, 50, 5))]
+    owner = assign(keys, 2)
+    load = [sum(k.nbytes for k, s in zip(keys, owner) if s == srv) for srv in (0, 1)]
+    assert owner[0] != owner[2] and abs(load[0] - load[1]) <= 5 * 4  # largest first, to the lighter server
+    assert assign(keys, 1) == [0] * 5
+
+
+def test_ps_keys_and_defaults():
+    cfg = C.resolve(C.load(None, ["ps.mode=async", "parallel.dp=2"]), 3)
+    assert cfg.ps.servers == 1 and cfg.parallel.dp == 2 and C.servers(cfg) == 1
+    assert C.resolve(C.load(None, ["ps.servers=2"]), 4).parallel.dp == 2  # dp: the processes left
+    assert C.slow_worker("1:3.0", 2) == (1, 3.0) and C.slow_worker("", 2) is None
+
+
+@pytest.mark.parametrize("sets, nproc, field", [
+    (["ps.servers=0"], 3, "ps.servers"),
+    (["ps.servers=3", "parallel.dp=2"], 4, "ps.servers"),
+    (["ps.mode=ssp", "ps.staleness=-2"], 3, "ps.staleness"),
+    (["ps.servers=1", "parallel.zero=2", "parallel.dp=2"], 3, "parallel.zero"),
+    (["ps.slow_worker=2:3", "parallel.dp=2"], 3, "ps.slow_worker"),
+    (["ps.slow_worker=1:0.5", "parallel.dp=2"], 3, "ps.slow_worker"),
+    (["ps.mode=bsp"], 3, "ps.mode"),
+    (["ps.servers=1", "diloco.inner_steps=4", "parallel.dp=2"], 3, "ps.mode"),
+])
+def test_bad_ps_keys_name_the_field(sets, nproc, field):
+    with pytest.raises(ConfigError) as e:
+        C.resolve(C.load(None, sets), nproc)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value)

@@ -180,8 +180,14 @@ class Checkpointer:
     Collective: every rank constructs it and calls ``save`` at the same steps. ``info``: plain
     data written into every checkpoint's ``plait.json`` (the layout, the config)."""
 
-    def __init__(self, root: Path | None, every: int, keep: int, async_save: bool = False, info: dict | None = None):
+    def __init__(self, root: Path | None, every: int, keep: int, async_save: bool = False, info: dict | None = None,
+                 world=None, alone: bool = False):
+        """``world``: the group of every rank that saves (None: the default group; the workers'
+        group beside a parameter server's ranks). ``alone``: rank 0 saves by itself, without a
+        collective (an asynchronous parameter server's single-rank workers, which hold the same
+        parameters at the end and may have lost one of them)."""
         self.root, self.every, self.keep, self.async_save = root, every, keep, async_save
+        self.world, self.alone = world, alone
         self.info = info or {}
         self.lead = not dist.is_initialized() or dist.get_rank() == 0
         self._thread: threading.Thread | None = None
@@ -201,7 +207,7 @@ class Checkpointer:
                 from ..topology import side_group
 
                 self.group = side_group()
-            dist.barrier()  # stale folders are gone before anyone writes
+            dist.barrier(group=world)  # stale folders are gone before anyone writes
 
     def due(self, step: int, last: int) -> bool:
         return self.root is not None and (step == last or (self.every > 0 and step % self.every == 0))
@@ -209,6 +215,8 @@ class Checkpointer:
     def save(self, step: int, pm, optimizer, extra: dict) -> Path:
         """Write the state of ``pm`` and ``optimizer`` after ``step`` steps (collective)."""
         self.wait()
+        if self.alone and not self.lead:
+            return step_dir(self.root, step)
         state = {**training_state(pm, optimizer, saving=True), **rng_state(pm)}
         info = {"format": FORMAT, "step": step, **self.info, **extra}
         if not self.async_save:
@@ -243,8 +251,10 @@ class Checkpointer:
 
     def _write(self, state: dict, step: int, info: dict) -> None:
         tmp = self.root / f".step_{step:06d}.tmp"
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=PieceSavePlanner(),
-                 process_group=self.group)
+        with warnings.catch_warnings():  # alone, DCP says it assumes one process: that is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=PieceSavePlanner(),
+                     process_group=self.group or self.world, no_dist=self.alone)
         if self.lead:  # DCP's coordinator wrote .metadata after every rank's files: the folder is complete
             self._commit(tmp, step, info)
 
@@ -286,8 +296,8 @@ def restore(path: Path, pm, optimizer, *, same_layout: bool) -> dict:
     rng = rng_state(pm) if same_layout else {}
     check_shapes(state, md, str(path))
     dcp.load({**state, **{k: v for k, v in rng.items() if k in md.state_dict_metadata}}, storage_reader=reader,
-             planner=PieceLoadPlanner())
-    pm.after_step()  # ZeRO-1/2: every rank's parameters from the loaded slices
+             planner=PieceLoadPlanner(), process_group=pm.groups.world)
+    pm.data.loaded(int(info["step"]))  # ZeRO-1/2: every rank's parameters from the loaded slices
     set_rng_state(pm, {k: v for k, v in rng.items() if k in md.state_dict_metadata})
     return info
 

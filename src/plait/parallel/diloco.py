@@ -238,6 +238,16 @@ class DiLoCo(DataParallelStrand):
         frag.outer.grad = None
         frag.assign(frag.outer + (frag.local() - at_start))
 
+    def loaded(self, step: int) -> None:
+        """A resumed run: the outer parameters start from the loaded ones (replica 0's, saved at
+        ``step``) and the sync phase from ``step``; the outer momentum starts afresh."""
+        self.steps = step
+        for frag in self.fragments:
+            if frag.params:
+                frag.outer.copy_(frag.local())
+            frag.optimizer.state.clear()
+            frag.pending = None
+
     def grad_bytes(self) -> int:
         return sum(p.grad.numel() * p.grad.element_size() for p, _ in self.segments if p.grad is not None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import comm
-from ..config import DilocoConfig, ParallelConfig
+from ..config import DilocoConfig, ParallelConfig, PsConfig
 from ..errors import DescriptionError
 from ..models.description import ModelDescription, check, cross_entropy, get_parameter, tied_parameters
 from ..seeds import seed_for
@@ -29,6 +30,7 @@ from .diloco import DiLoCo, fragment_names
 from .pipeline.runtime import PipelineParallel, StepContext
 from .pipeline.stages import apply_pipeline, tied_copy
 from .protocol import DataParallelStrand
+from .ps import PSWorker
 from .tensor import TensorParallel, apply_tensor_parallel
 from .zero import ZeroDataParallel
 from .zero3 import Zero3
@@ -54,17 +56,21 @@ class ParallelModel:
     # ---------------------------------------------------------------- one training step
 
     def train_step(self, micro: list, optimizer: torch.optim.Optimizer, max_norm: float = 0.0,
-                   autocast=contextlib.nullcontext, meter=None) -> tuple[float, float]:
+                   autocast=contextlib.nullcontext, meter=None, slowdown: float = 1.0) -> tuple[float, float]:
         """Forward and backward of this rank's micro-batches ``[(inputs, targets)]``, gradient
         sync, global-norm clip (``max_norm`` 0: measure only), optimizer step. Returns the loss
-        (mean over dp; collective over every rank) and the gradient norm."""
+        (mean over dp; collective over every rank) and the gradient norm. ``slowdown`` > 1 makes
+        this rank a straggler: it waits ``slowdown - 1`` times its forward and backward's time."""
+        start = time.perf_counter()
         local = self.forward_backward(micro, autocast, meter)
+        if slowdown > 1:
+            time.sleep((slowdown - 1) * (time.perf_counter() - start))
         self.finish_grads()
-        norm = self.clip_grads(max_norm)
+        norm = None if self.data.clips_itself else self.clip_grads(max_norm)
         optimizer.step()
         self.after_step()
         self.zero_grad()
-        return self.global_loss(local), norm
+        return self.global_loss(local), self.data.last_norm if norm is None else norm
 
     def loss(self, outputs: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """The model's loss (mean or sum over tokens); vocabulary-parallel under tp."""
@@ -164,7 +170,9 @@ class ParallelModel:
         """Mean over dp of the loss, which only the last pipeline stage has: one all-reduce over
         every rank of (loss, 1) from the ranks that hold it (tp copies weigh alike)."""
         held = self.holds_loss
-        return comm.weighted_mean(float(local) if held else 0.0, 1.0 if held else 0.0)
+        if not self.data.lockstep:  # the workers go at their own pace: this rank's own loss
+            return float(local)
+        return comm.weighted_mean(float(local) if held else 0.0, 1.0 if held else 0.0, self.groups.world)
 
     @torch.no_grad()
     def loss_sum(self, micro: list, autocast=contextlib.nullcontext) -> torch.Tensor:
@@ -295,10 +303,10 @@ def _stage_forward(pipe: PipelineParallel, chunk, x):
 
 def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
                 seed: int = 0, tokens_per_step: int | None = None, sample=None,
-                diloco: DilocoConfig | None = None) -> ParallelModel:
+                diloco: DilocoConfig | None = None, ps: PsConfig | None = None) -> ParallelModel:
     """Apply the layout ``parallel`` to ``model`` (already on its device and dtype, the same on
     every rank) as its description ``desc`` allows; with ``diloco``, DiLoCo over dp in place of
-    synchronous data parallel.
+    synchronous data parallel, with ``ps`` a parameter server on ``groups``' server ranks.
 
     ``seed``: the run's seed (tensor parallel's dropout stream derives from it); ``tokens_per_step``:
     tokens each dp rank trains on in a step (balances pipeline stages); ``sample``: inputs of one
@@ -323,8 +331,21 @@ def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parall
                                   seq_shards=p.tp if p.sequence_parallel else 1, tally=traffic.tally("pp"))
     split_tie = tied and p.pp > 1
     copy = tied_copy(desc, model) if split_tie else None
-    data = _data_strand(model, desc, groups, p, copy, traffic, diloco, fragments)
+    if ps is not None:
+        second = {out for out, _ in desc.tied} if split_tie else set()
+        data = PSWorker(model, groups, mode=ps.mode, counts=_norm_counts(model, tp, second, coord.tp_rank),
+                        tally=traffic.tally("ps"))
+    else:
+        data = _data_strand(model, desc, groups, p, copy, traffic, diloco, fragments)
     return ParallelModel(model, desc, groups, data, tp, pipeline, split_tie, copy, traffic)
+
+
+def _norm_counts(model: nn.Module, tp: TensorParallel | None, second: set[str], tp_rank: int) -> dict[str, bool]:
+    """Name -> whether a tensor counts in the global gradient norm when the parameter server sums
+    every worker position's squares: a tp shard always, a tp-replicated tensor on tp rank 0 only,
+    a tied weight's second copy (the last stage's, named ``second``) never (the rule of ``clip.py``)."""
+    sharded = tp.sharded if tp is not None else {}
+    return {n: (n in sharded or tp_rank == 0) and n not in second for n, _ in model.named_parameters()}
 
 
 def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: ParallelConfig,

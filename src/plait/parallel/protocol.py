@@ -39,6 +39,9 @@ class DataParallelStrand(abc.ABC):
     """A data-parallel strand (see the module docstring for the order of calls)."""
 
     shards_grads: bool = False  # each dp rank holds a slice of every gradient: norms sum over dp
+    lockstep: bool = True  # every rank takes the same steps together (an asynchronous server: False)
+    clips_itself: bool = False  # the strand clips by the global norm itself (and reports it in last_norm)
+    last_norm: float = 0.0
     segments: list[tuple[torch.Tensor, nn.Parameter]]  # (what the optimizer steps, its model parameter)
     isolated: Mapping[int, torch.Tensor] = MappingProxyType({})  # sharding: id(isolated param) -> grad slice
 
@@ -85,6 +88,23 @@ class DataParallelStrand(abc.ABC):
 
     def flush(self) -> None:  # noqa: B027
         """At the end of training: finish anything still in flight."""
+
+    def loaded(self, step: int) -> None:  # noqa: B027
+        """After a checkpoint of ``step`` steps was loaded into ``segments``."""
+
+    def samples(self, global_batch: int) -> int:
+        """Sequences all replicas trained on since the last call (one step: the global batch; an
+        asynchronous server counts the pushes it applied)."""
+        return global_batch
+
+    def metrics(self) -> dict:
+        """The strand's own columns of this step's metrics row."""
+        return {}
+
+    def running(self, step: int, steps: int) -> bool:
+        """Whether this rank takes step ``step`` (0-based) of a run of ``steps`` (an asynchronous
+        parameter server decides when the samples of ``steps`` steps have been used)."""
+        return step < steps
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:

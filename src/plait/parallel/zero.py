@@ -111,6 +111,10 @@ class ZeroDataParallel(DataParallelStrand):
                 self.tally.all_gather(mine, self.dp)
             dist.all_gather_single(sh.flat, mine, group=self.group)
 
+    def loaded(self, step: int) -> None:
+        """Every rank's parameters from the loaded slices (the all-gather of ``after_step``)."""
+        self.after_step()
+
     def grad_bytes(self) -> int:
         """Gradient bytes held now: the full buckets (stage 1, or stage 2 during a step) and the
         separate slices of stage 2."""

@@ -9,6 +9,7 @@ One optimizer step (``Trainer.step``) reads top to bottom:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from torch import nn
 
 from .. import comm
 from ..checkpoint import Checkpointer, restore
-from ..config import RunConfig, microbatches, step_tokens, to_toml
+from ..config import RunConfig, microbatches, servers, slow_worker, step_tokens, to_toml
 from ..errors import ConfigError
 from ..models import build, generate, num_params
 from ..models.description import ModelDescription
@@ -35,6 +36,8 @@ from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes
 from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger(__name__)
+
+RATE_WINDOW = 10  # steps over which an asynchronous worker's tokens_per_s is measured
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def build_parallel(cfg: RunConfig, groups: Groups, device: torch.device) -> tupl
     n = num_params(model)
     sample = None if device.type == "meta" else torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
     pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg),
-                     sample=sample, diloco=cfg.diloco)
+                     sample=sample, diloco=cfg.diloco, ps=cfg.ps)
     return pm, n
 
 
@@ -112,6 +115,9 @@ class Trainer:
         self.activation_peak = 0
         self.mem: dict[str, int] | None = None  # bytes by kind, counted once after the first step
         self.first_step = 0  # a resumed run's first step is the checkpoint's
+        self.window: collections.deque = collections.deque(maxlen=RATE_WINDOW)  # (tokens, seconds) of steps
+        slow = slow_worker(cfg.ps.slow_worker, p.dp) if cfg.ps is not None else None
+        self.slowdown = slow[1] if slow is not None and slow[0] == self.coord.dp_rank else 1.0
 
     def _autocast(self):
         if self.amp is None:
@@ -130,20 +136,24 @@ class Trainer:
         micro = self._micro_batches(*self.sampler.batch(step))
         first = step == self.first_step  # the activations are measured on this process's first step
         loss, grad_norm = self.pm.train_step(micro, self.optimizer, self.cfg.train.grad_clip, self._autocast,
-                                             self.meter if first else None)
+                                             self.meter if first else None, self.slowdown)
         if first:
             self.activation_peak = self.meter.peak
-        if step + 1 == self.cfg.train.steps:
+        if not self.pm.data.running(step + 1, self.cfg.train.steps):
             self.pm.flush()  # the run's last step: nothing may stay in flight
         dt = time.perf_counter() - t0
-        tokens = self.cfg.train.global_batch * self.cfg.model.seq_len
+        tokens = self.pm.data.samples(self.cfg.train.global_batch) * self.cfg.model.seq_len
+        self.window.append((tokens, dt))
+        rate = tokens / dt
+        if not self.pm.data.lockstep:  # a step sees 0, 1, 2... pushes applied: the rate over the last steps
+            rate = sum(t for t, _ in self.window) / sum(s for _, s in self.window)
         if self.mem is None:  # the tensors do not change after the first step (its optimizer states included)
             self.mem = self.memory()
         mem = self.mem
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else sum(mem.values())
-        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+        return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": rate,
                 "step_time_s": dt, "mem_peak_bytes": peak, **{f"mem_{k}_bytes": v for k, v in mem.items()},
-                **self.sent()}
+                **self.sent(), **self.pm.data.metrics()}
 
     def sent(self) -> dict[str, int]:
         """What this rank sent since the last call (one step): ``comm_bytes``, the same as
@@ -161,24 +171,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss per token over a fixed set of windows, shared out over dp."""
+        """Mean validation loss per token over a fixed set of windows, shared out over dp. Workers
+        that do not go in lockstep share nothing: rank 0 evaluates every window (NaN elsewhere)."""
         t, p = self.cfg.train, self.cfg.parallel
+        alone = not self.pm.data.lockstep
+        if alone and self.groups.rank != 0:
+            return float("nan")
         x, y = val_batches(self.corpus.val, self.cfg.model.seq_len, t.eval_batches * t.global_batch,
-                           self.coord.dp_rank, p.dp)
+                           0 if alone else self.coord.dp_rank, 1 if alone else p.dp)
         self.model.eval()
         total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
         self.pm.traffic.take()  # evaluation's forward passes are not training's traffic
+        if alone:
+            return total / y.numel()
         held = self.pm.holds_loss  # only the last pipeline stage has the loss
-        return comm.weighted_mean(total if held else 0.0, y.numel() if held else 0.0)
+        return comm.weighted_mean(total if held else 0.0, y.numel() if held else 0.0, self.groups.world)
 
 
 
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     """Everything one rank does for ``plait train`` (and for verify, without outputs)."""
     device = comm.pick_device()
-    groups = build_groups(Topology.of(cfg.parallel), device.type)
+    groups = build_groups(Topology.of(cfg.parallel), device.type, servers(cfg))
     setup_logging(groups.prefix)
+    if groups.is_server:
+        from ..parallel.ps import ParameterServer
+
+        ParameterServer(cfg, groups, optimizer=lambda g: build_optimizer(g, cfg.train),
+                        lr=lambda step: lr_at(step, cfg.train), out=opts.out).run()
+        return None
     corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
     trainer = Trainer(cfg, corpus, device, groups)
     lead = groups.rank == 0
@@ -216,7 +238,9 @@ def _resume(trainer: Trainer, path: Path, lead: bool) -> int:
     same = saved == layout_of(cfg)
     info = restore(path, trainer.pm, trainer.optimizer, same_layout=same)
     step = int(info["step"])
-    if comm.weighted_mean(float(step), 1.0) != step or comm.weighted_mean(float(step) ** 2, 1.0) != step ** 2:
+    world = trainer.groups.world
+    if comm.weighted_mean(float(step), 1.0, world) != step or \
+            comm.weighted_mean(float(step) ** 2, 1.0, world) != step ** 2:
         raise ConfigError("--out", str(path.parent.parent), "the ranks found different newest checkpoints (under "
                           "torchrun each looks itself): put --out on storage every rank sees alike")
     if not same:  # the ranks that drew these streams are gone: fresh ones, by the step
@@ -238,14 +262,16 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> Tra
     steps, every = cfg.train.steps, cfg.train.eval_every
     writer = MetricsWriter(opts.out, steps, opts.progress, cfg.train.log_every, start) if lead and opts.out else None
     ckpt = Checkpointer(opts.out / "checkpoints" if opts.out else None, cfg.checkpoint.every, cfg.checkpoint.keep,
-                        cfg.checkpoint.async_, {"layout": layout_of(cfg), "config": to_toml(cfg)})
+                        cfg.checkpoint.async_, {"layout": layout_of(cfg), "config": to_toml(cfg)}, trainer.groups.world,
+                        alone=not trainer.pm.data.lockstep)
     result = TrainResult(out=str(opts.out) if opts.out else None)
     evaluating = every > 0 and len(trainer.corpus.val) > cfg.model.seq_len
     if evaluating and start == 0:
         _record_val(trainer, writer, result, {"step": 0})
     if lead and start >= steps:
         log.info("the run is already at step %d of train.steps=%d: nothing to train", start, steps)
-    for step in range(start, steps):
+    data, step = trainer.pm.data, start
+    while data.running(step, steps):  # asynchronous workers: until the server has used the samples
         recording = step + 1 == opts.timeline_step and trainer.pm.pipeline_summary() is not None
         if recording:
             trainer.pm.record_actions()
@@ -254,14 +280,16 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> Tra
             result.timeline = _timeline(trainer, opts, lead)
         result.losses.append(row["loss"])
         result.grad_norms.append(row["grad_norm"])
-        if evaluating and (row["step"] % every == 0 or row["step"] == steps):
+        step += 1
+        last = not data.running(step, steps)  # between workers that do not go in lockstep, only the end
+        if evaluating and (last or (data.lockstep and step % every == 0)):
             _record_val(trainer, writer, result, row)
         elif writer:
             writer.write(row)
-        if ckpt.due(row["step"], steps):
-            ckpt.save(row["step"], trainer.pm, trainer.optimizer, {})
+        if ckpt.root is not None and (last or (data.lockstep and ckpt.due(step, steps))):
+            ckpt.save(step, trainer.pm, trainer.optimizer, {})
     ckpt.wait()
-    _report_traffic(trainer, writer, steps - start)
+    _report_traffic(trainer, writer, step - start)
     if writer:
         writer.close()
         from ..viz import plot_losses
@@ -274,8 +302,10 @@ def _report_traffic(trainer: Trainer, writer: MetricsWriter | None, steps: int) 
     """Say how much this rank, and the rank that sent most, sent over the run, by strand
     (collective: every rank's totals are gathered)."""
     totals = trainer.pm.traffic.totals()
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, sum(totals.values()))
+    every: list = [sum(totals.values())]  # workers not in lockstep may have lost one of them: no collective
+    if trainer.pm.data.lockstep:
+        every = [None] * trainer.groups.topology.world
+        dist.all_gather_object(every, sum(totals.values()), group=trainer.groups.world)
     if writer is None or steps <= 0:
         return
     peak = max((r.get("comm_peak_bytes", 0) for r in writer.rows[-steps:]), default=0)
