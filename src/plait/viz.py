@@ -65,3 +65,51 @@ def _draw_timeline(ax, tl, title: str) -> None:
     ax.set_yticks(range(tl.pp), [f"rank {r}" for r in reversed(range(tl.pp))])
     ax.set_xlim(0, tl.makespan)
     ax.set_title(f"{title}: makespan {tl.makespan:.3g}, bubble {tl.bubble_fraction:.1%}", fontsize=9)
+
+
+def plot_strand_runs(runs: dict[str, list[dict]], global_batch: int, dp: int, path: Path) -> Path:
+    """Data-parallel strands side by side, against the sequences trained on: training loss (mean
+    over 20 rows), validation loss where evaluated, and the bytes rank 0 sent so far (log scale).
+    ``runs``: name -> metrics.jsonl rows. An asynchronous worker's rows count the sequences the
+    servers applied (``ps_version`` pushes of ``global_batch / dp``), the others a global batch a step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bytes) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    for name, rows in runs.items():
+        steps = [r for r in rows if "loss" in r]
+        lock = _lockstep(rows)
+        seen = [r["step"] * global_batch if lock else r["ps_version"] * global_batch // dp for r in steps]
+        losses = [r["loss"] for r in steps]
+        mean = [sum(losses[max(0, i - 19):i + 1]) / len(losses[max(0, i - 19):i + 1]) for i in range(len(losses))]
+        line, = ax_loss.plot(seen, mean, linewidth=1.2, label=name)
+        val = [(r["step"] * global_batch, r["val_loss"]) for r in rows if "val_loss" in r]
+        if val and not lock:  # evaluated at the start and at the end only
+            val = [(0, val[0][1]), (seen[-1], val[-1][1])]
+        if val:
+            ax_loss.plot(*zip(*val), "o", color=line.get_color(), markersize=4)
+        sent, total = [], 0
+        for r in steps:
+            total += r.get("comm_bytes", 0)
+            sent.append(max(total, 1))
+        ax_bytes.plot(seen, sent, linewidth=1.2, color=line.get_color(), label=name)
+    ax_loss.set(xlabel="sequences trained on", ylabel="loss (nats per token)",
+                title="training loss (mean of 20 steps); dots: validation")
+    ax_bytes.set(xlabel="sequences trained on", ylabel="bytes rank 0 sent", yscale="log", ylim=(1e5, None),
+                 title="communication (DiLoCo and local SGD overlap)")
+    for ax in (ax_loss, ax_bytes):
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _lockstep(rows: list[dict]) -> bool:
+    """Whether a run's rows are global steps (not an asynchronous worker's own steps)."""
+    versions = [r["ps_version"] for r in rows if "ps_version" in r]
+    steps = [r["step"] for r in rows if "ps_version" in r]
+    return not versions or versions == steps

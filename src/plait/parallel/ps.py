@@ -18,7 +18,9 @@ Modes (``ps.mode``):
 - ``sync``: a server waits for every worker's push, averages each key's gradients over dp (in dp
   order), clips by the global norm (the servers sum their squares over their own group), takes one
   AdamW step and answers everyone: the same update as one process (bulk synchronous).
-- ``async``: each push is applied as it arrives (Downpour); a worker clips its own gradient.
+- ``async``: each push is applied as it arrives (Downpour); a worker clips its own gradient. A
+  push carries 1/dp of a global batch and takes 1/dp of the step's learning rate, so that after
+  the same samples the parameters have moved as far as under sync.
   A gradient's *staleness* is the updates applied to its keys since the worker pulled them;
   ``staleness_lr`` divides its learning rate by it (Zhang et al. 2016).
 - ``ssp`` (Ho et al. 2013): as async, but a worker is answered only while it is at most
@@ -402,8 +404,8 @@ class ParameterServer:
         """One AdamW step on ``w``'s gradient; returns its staleness (updates since it pulled)."""
         tau = self.version[w.position] - w.pulled_at
         self._set_grads(w.position, flat)
-        lr_step = self.version[w.position] // self.dp
-        scale = 1.0 / max(1, tau) if self.cfg.ps.staleness_lr else 1.0
+        lr_step = self.version[w.position] // self.dp  # the schedule advances a step per dp pushes
+        scale = (1.0 / max(1, tau) if self.cfg.ps.staleness_lr else 1.0) / self.dp  # a push: 1/dp of a batch
         self._update(lr_step, scale, only=w.position)
         self.version[w.position] += 1
         self.log.append({"worker": w.dp_rank, "rank": w.rank, "clock": w.clock, "version": self.version[w.position],
