@@ -12,6 +12,8 @@ of the measured steps after a warm-up.
   stages (``--set parallel.schedule=gpipe|interleaved``: ScheduleGPipe, ScheduleInterleaved1F1B).
 - ``zero``: plait's ZeRO-1/2 vs ``ZeroRedundancyOptimizer`` (PyTorch's ZeRO-1) over DDP, with the
   model-state bytes per rank (parameters, gradients, optimizer moments) of each.
+- ``diloco``: plait's DiLoCo and streaming DiLoCo vs torchft's ``DiLoCo`` (``diloco_bench.py``; torchft is
+  the ``bench`` extra), windows of H steps in turn, with validation losses and bytes sent.
 - ``generate``: not a race against PyTorch: tokens/s of plait's KV-cache sampler against its uncached
   one (the reference), one process, 1 and 8 prompts (``generate.py: bench_worker``).
 """
@@ -33,6 +35,9 @@ from . import comm
 from .checkpoint.bench import ckpt_worker as _ckpt_worker
 from .checkpoint.bench import format_ckpt
 from .config import RunConfig, microbatches
+from .diloco_bench import DEFAULTS as DILOCO_DEFAULTS
+from .diloco_bench import ITERS as DILOCO_ITERS
+from .diloco_bench import check_diloco, diloco_worker, format_diloco
 from .errors import ConfigError
 from .generate import bench_worker as _generate_worker
 from .generate import format_bench
@@ -331,10 +336,12 @@ BENCHES = {
               "train.global_batch": "2", "train.micro_batch": "2", "checkpoint.every": "8"}, _ckpt_worker),
     # The default model (random init), one process: the KV-cache sampler vs the uncached one.
     "generate": ({"parallel.dp": "1"}, _generate_worker),
+    # The default model (1.85M parameters), H=8; the streaming pair in 4 fragments, plait's in fp8.
+    "diloco": (DILOCO_DEFAULTS, diloco_worker),
 }
 
 
-ITERS = {"generate": 3}  # measured runs when --iters is not given (else 8 steps)
+ITERS = {"generate": 3, "diloco": DILOCO_ITERS}  # measured runs / steps when --iters is not given (else 8 steps)
 
 
 # What each race compares, as (field, test on its value, what is valid): other layouts would be
@@ -349,6 +356,8 @@ REQUIRES = {
                  ("parallel.pp", lambda v: v == 1, "1 (it runs one process)"),
                  ("model.builder", lambda v: not v, "unset (it samples from plait's own GPT, whose attention "
                   "takes a KV cache)")],
+    "diloco": [("parallel.tp", lambda v: v == 1, "1 (torchft's DiLoCo here holds whole replicas)"),
+               ("parallel.pp", lambda v: v == 1, "1 (torchft's DiLoCo here holds whole replicas)")],
     "pp": [("parallel.pp", lambda v: v > 1, "more than 1"),
            ("parallel.schedule", lambda v: v in TORCH_SCHEDULES,
             f"one of {', '.join(TORCH_SCHEDULES)}: torch has no ZB-H1 with one stage per rank")],
@@ -362,6 +371,12 @@ def run_bench(what: str, cfg: RunConfig, nproc: int, iters: int | None = None, w
         value = getattr(getattr(cfg, section), key)
         if not ok(value):
             raise ConfigError(field, value, f"plait bench {what} needs {valid}")
+    if what == "diloco":
+        check_diloco(cfg)
+    elif cfg.diloco is not None or cfg.ps is not None:  # the race would be labelled as one it is not
+        key = "diloco.*" if cfg.diloco is not None else "ps.*"
+        raise ConfigError(key, "given", f"plait bench {what} races its strand against PyTorch's; DiLoCo races "
+                          "torchft's in plait bench diloco, and the parameter server in benchmarks/strands.py")
     iters = ITERS.get(what, 8) if iters is None else iters
     for field, value, least in (("--iters", iters, 1), ("--warmup", warmup, 0)):
         if value < least:
@@ -376,6 +391,8 @@ def format_result(r: dict) -> str:
         return format_ckpt(r)
     if r.get("kind") == "generate":
         return format_bench(r)
+    if r.get("kind") == "diloco":
+        return format_diloco(r)
     return (f"plait: {r['ours_tokens_per_s']:.0f} tokens/s   {r['baseline']}: {r['torch_tokens_per_s']:.0f} "
             f"tokens/s   ratio {r['ratio']:.3f}  ({r['layout']}, {r['flavour']}, {r['params'] / 1e6:.1f}M params, "
             f"median of {r['steps_measured']} steps)")

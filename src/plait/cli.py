@@ -86,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--png", help="write the timeline picture here")
     sched.add_argument("--json", action="store_true", help="print a JSON object")
     bench = sub.add_parser("bench", help="side-by-side speed against PyTorch's own counterpart")
-    bench.add_argument("what", choices=["dp", "tp", "pp", "zero", "generate", "ckpt"],
+    bench.add_argument("what", choices=["dp", "tp", "pp", "zero", "generate", "ckpt", "diloco"],
                        help="dp: data parallel vs torch DDP; tp: tensor parallel vs DTensor; "
                             "pp: a schedule vs torch.distributed.pipelining's; zero: ZeRO-3 vs fully_shard, "
                             "--zero 1/2 vs ZeroRedundancyOptimizer; generate: KV cache vs uncached sampler; "
-                            "ckpt: plait's sync and async saves beside dcp.async_save")
+                            "ckpt: plait's sync and async saves beside dcp.async_save; "
+                            "diloco: DiLoCo and streaming DiLoCo vs torchft's (pip install plait[bench])")
     _config_args(bench)
-    bench.add_argument("--iters", type=int, help="measured steps (median reported; default 8, generate: 3 runs)")
+    bench.add_argument("--iters", type=int, help="measured steps (median reported; default 8, generate: 3 runs; "
+                                                     "diloco: steps a side, rounded up to whole H, default 48)")
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     bench.add_argument("--json", action="store_true", help="print a JSON object")
     add_generate_parser(sub)

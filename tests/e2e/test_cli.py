@@ -1,6 +1,7 @@
 """The `plait` command as a user runs it: outputs, bad input, a killed worker, bench, verify."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -179,10 +180,33 @@ def test_bench_tp_races_dtensor(corpus_file, sp):
 @pytest.mark.parametrize("args, field", [
     (["dp", "--zero", "2"], "parallel.zero"), (["zero", "--zero", "0"], "parallel.zero"),
     (["pp", "--set", "parallel.schedule=zb"], "parallel.schedule"), (["dp", "--iters", "0"], "--iters"),
+    (["diloco", "--set", "diloco.fragments=3"], "diloco.fragments"), (["diloco", "--tp", "2"], "parallel.tp"),
+    (["dp", "--set", "diloco.inner_steps=4"], "diloco.*"), (["dp", "--set", "ps.servers=1"], "ps.*"),
 ])
 def test_bench_refuses_a_layout_it_would_mislabel(args, field):
     r = plait("bench", *args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and field in r.stderr, r.stderr
+
+
+def test_bench_diloco_races_torchft(corpus_file):
+    pytest.importorskip("torchft", reason="plait bench diloco races torchft's DiLoCo (pip install 'plait[bench]')")
+    r = plait("bench", "diloco", *tiny_args(corpus_file), "--nproc", "2", "--iters", "8", "--warmup", "0", "--json",
+              "--set", "diloco.inner_steps=4", "--set", "diloco.fragments=2", "--set", "diloco.quantize=bf16",
+              timeout=170)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["baseline"] == "torchft DiLoCo" and d["H"] == 4 and d["fragments"] == 2 and d["steps"] == 8
+    for run in ("", "streaming_"):
+        for side in ("ours", "torch"):
+            assert d[f"{side}_{run}tokens_per_s"] > 0 and math.isfinite(d[f"{side}_{run}val_loss"])
+            assert d[f"{side}_{run}bytes"] > 0
+    assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
+    assert d["streaming_ratio"] == pytest.approx(d["ours_streaming_tokens_per_s"] / d["torch_streaming_tokens_per_s"],
+                                                 rel=1e-3)
+    # Plain DiLoCo is the same algorithm on both sides: one fp32 all-reduce of the pseudo-gradients
+    # every H steps (the same bytes), and the same model at the end.
+    assert d["ours_bytes"] == d["torch_bytes"]
+    assert d["ours_val_loss"] == pytest.approx(d["torch_val_loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("schedule, baseline", [("gpipe", "ScheduleGPipe"), ("1f1b", "Schedule1F1B"),

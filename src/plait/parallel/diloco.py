@@ -204,9 +204,10 @@ class DiLoCo(DataParallelStrand):
         """The gradients are this replica's own: nothing to wait for."""
 
     def zero_grad(self) -> None:
+        """Drop the gradients: nothing keeps them between steps (backward allocates them afresh,
+        which is cheaper than adding into zeroed ones)."""
         for p, _ in self.segments:
-            if p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
 
     def after_step(self) -> None:
         """After inner step t: merge the exchanges started ``delay`` steps ago, start those of
@@ -249,7 +250,11 @@ class DiLoCo(DataParallelStrand):
             frag.pending = None
 
     def grad_bytes(self) -> int:
-        return sum(p.grad.numel() * p.grad.element_size() for p, _ in self.segments if p.grad is not None)
+        """The gradients a step holds (from backward to ``zero_grad``)."""
+        return sum(p.numel() * p.element_size() for p, _ in self.segments)
+
+    def steady_grad_bytes(self) -> int:
+        return 0
 
     def param_bytes(self) -> int:
         """The replica's parameters, and the outer copy with its momentum."""
