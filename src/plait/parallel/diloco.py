@@ -95,7 +95,7 @@ class Exchange:
         out = t.new_empty((self.n, *t.shape[1:]) if t.dim() > 1 else (self.n * t.numel(),))
         if self.tally is not None:
             self.tally.all_gather(t, self.n)
-        dist.all_gather_into_tensor(out, t, group=self.group)
+        dist.all_gather_single(out, t, group=self.group)
         return out
 
     def result(self, handle) -> torch.Tensor:
