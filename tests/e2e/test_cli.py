@@ -66,17 +66,10 @@ BAD = [
       "--set", "train.micro_batch=4", "--set", "train.global_batch=12"], "parallel.microbatches"),
     (["--pp", "2", "--set", "parallel.schedule=pipedream"], "parallel.schedule"),
     (["--timeline", "3"], "--timeline"),
+    # the other ps.* and diloco.* refusals are unit tests (tests/unit/test_diloco.py): one of each here
     (["--set", "diloco.inner_steps=0"], "diloco.inner_steps"),
-    (["--set", "ps.servers=0"], "ps.servers"),
     (["--dp", "2", "--nproc", "3", "--set", "ps.servers=2"], "ps.servers"),
-    (["--set", "ps.mode=ssp", "--set", "ps.staleness=-1"], "ps.staleness"),
-    (["--dp", "2", "--zero", "1", "--set", "ps.servers=1"], "parallel.zero"),
     (["--dp", "2", "--set", "ps.slow_worker=5:3.0"], "ps.slow_worker"),
-    (["--dp", "2", "--set", "ps.slow_worker=fast"], "ps.slow_worker"),
-    (["--tp", "2", "--dp", "1", "--set", "ps.mode=async"], "ps.mode"),
-    (["--set", "diloco.outer_lr=0.5"], "diloco.inner_steps"),
-    (["--set", "diloco.inner_steps=8", "--set", "diloco.quantize=int8"], "diloco.quantize"),
-    (["--set", "diloco.inner_steps=8", "--zero", "1", "--nproc", "2"], "parallel.zero"),
     (["--pp", "2", "--steps", "2", "--timeline", "5"], "--timeline"),
 ]
 

@@ -118,6 +118,9 @@ def test_ps_keys_and_defaults():
     (["ps.slow_worker=2:3", "parallel.dp=2"], 3, "ps.slow_worker"),
     (["ps.slow_worker=1:0.5", "parallel.dp=2"], 3, "ps.slow_worker"),
     (["ps.mode=bsp"], 3, "ps.mode"),
+    (["ps.slow_worker=fast", "parallel.dp=2"], 3, "ps.slow_worker"),
+    (["ps.mode=async", "parallel.tp=2", "parallel.dp=1"], 3, "ps.mode"),
+    (["diloco.outer_lr=0.5"], 2, "diloco.inner_steps"),
     (["ps.servers=1", "diloco.inner_steps=4", "parallel.dp=2"], 3, "ps.mode"),
 ])
 def test_bad_ps_keys_name_the_field(sets, nproc, field):
