@@ -70,6 +70,8 @@ BAD = [
     (["--set", "diloco.inner_steps=0"], "diloco.inner_steps"),
     (["--dp", "2", "--nproc", "3", "--set", "ps.servers=2"], "ps.servers"),
     (["--dp", "2", "--set", "ps.slow_worker=5:3.0"], "ps.slow_worker"),
+    (["--dp", "2", "--set", "ps.servers=1", "--dry-run"], "--dry-run"),
+    (["--dp", "2", "--set", "ps.mode=async", "--max-restarts", "1"], "--max-restarts"),
     (["--pp", "2", "--steps", "2", "--timeline", "5"], "--timeline"),
 ]
 

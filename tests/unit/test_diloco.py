@@ -127,3 +127,15 @@ def test_bad_ps_keys_name_the_field(sets, nproc, field):
     with pytest.raises(ConfigError) as e:
         C.resolve(C.load(None, sets), nproc)
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_verify_refuses_an_asynchronous_server_and_keys_diloco_by_its_replicas():
+    from plait.verify import layout_config, own_reference
+
+    base = C.load(None, [])
+    with pytest.raises(ConfigError, match="ps.mode=async"):
+        own_reference(layout_config(base, parse_layouts("dp=2,ps.mode=async")[0])[0])
+    assert own_reference(layout_config(base, parse_layouts("dp=2,ps.servers=1")[0])[0]) is None  # one process
+    a, b = (own_reference(layout_config(base, parse_layouts(x)[0])[0])
+            for x in ("dp=2,diloco.inner_steps=4", "dp=2,tp=2,diloco.inner_steps=4"))
+    assert a == b and a[:2] == ("diloco", 2)  # tp inside the replicas shares the reference

@@ -66,7 +66,9 @@ def split_by_bytes(params: list[nn.Parameter], parts: int) -> list[list[nn.Param
 
 class Exchange:
     """The mean over ``group`` of a flat tensor, sent in ``quantize`` format and summed in float32
-    (or in its own dtype when not quantized). ``start`` returns a handle; ``result`` waits for it."""
+    (or in its own dtype when not quantized). ``start`` returns a handle; ``result`` waits for it.
+    ``start`` takes the tensor over (the caller's fresh pseudo-gradient): unquantized, it is reduced
+    in place."""
 
     def __init__(self, group, quantize: str, tally: comm.Tally | None):
         self.group, self.quantize, self.tally = group, quantize, tally
@@ -78,8 +80,7 @@ class Exchange:
         if self.n == 1:
             return flat, None
         if self.quantize == "none":
-            buf = flat.clone()
-            return buf, comm.all_reduce_(buf, self.group, async_op=True, tally=self.tally)
+            return flat, comm.all_reduce_(flat, self.group, async_op=True, tally=self.tally)
         chunks = _pad(flat.float(), self.n).view(self.n, -1)
         payload, scales = encode(chunks, self.quantize)
         recv, recv_scales = torch.empty_like(payload), torch.empty_like(scales)

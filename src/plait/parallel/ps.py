@@ -34,6 +34,7 @@ synchronous steps); then every worker pulls the final parameters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -74,7 +75,7 @@ class Key:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return self.numel * getattr(torch, self.dtype).itemsize
 
 
 def assign(keys: list[Key], servers: int) -> list[int]:
@@ -127,7 +128,8 @@ class PSWorker(DataParallelStrand):
                 for n, p in self.named]
         self.table = _agree(keys, groups)
         self.servers = [groups.topology.world + s for s in range(groups.servers)]
-        self._by_server = [[self._param(k.name) for k in self.table.held(self.position, s)]
+        by_name = dict(self.named)
+        self._by_server = [[by_name[k.name] for k in self.table.held(self.position, s)]
                            for s in range(groups.servers)]
         self._grads = [self._grad_buffer(ps) for ps in self._by_server]  # each .grad a view into one
         self._pulls = [torch.empty(sum(p.numel() for p in ps), dtype=self.dtype) for ps in self._by_server]
@@ -139,9 +141,6 @@ class PSWorker(DataParallelStrand):
             for s, params in enumerate(self._by_server):  # the initial values
                 if params:
                     dist.send(flat_of(params, self.dtype), self.servers[s], group=groups.ps)
-
-    def _param(self, name: str) -> nn.Parameter:
-        return next(p for n, p in self.named if n == name)
 
     @staticmethod
     def _grad_buffer(params: list[nn.Parameter]) -> torch.Tensor:
@@ -157,8 +156,6 @@ class PSWorker(DataParallelStrand):
         return [{"params": [], "weight_decay": weight_decay}]
 
     def no_sync(self):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def finish(self) -> None:
@@ -406,7 +403,7 @@ class ParameterServer:
         self._set_grads(w.position, flat)
         lr_step = self.version[w.position] // self.dp  # the schedule advances a step per dp pushes
         scale = (1.0 / max(1, tau) if self.cfg.ps.staleness_lr else 1.0) / self.dp  # a push: 1/dp of a batch
-        self._update(lr_step, scale, only=w.position)
+        self._update(lr_step, scale)
         self.version[w.position] += 1
         self.log.append({"worker": w.dp_rank, "rank": w.rank, "clock": w.clock, "version": self.version[w.position],
                          "staleness": tau, "min_clock_at_pull": w.min_clock_at_pull})
@@ -443,12 +440,9 @@ class ParameterServer:
         for t, g in zip(self.values[position], _views(flat, self.keys[position])):
             t.grad = g
 
-    def _update(self, step: int, scale: float = 1.0, only=None) -> None:
-        if only is not None:
-            for pos, values in self.values.items():
-                if pos != only:
-                    for t in values:
-                        t.grad = None
+    def _update(self, step: int, scale: float = 1.0) -> None:
+        """One AdamW step over the keys that have a gradient (the others' are None: every update
+        ends by dropping them), at the learning rate of ``step`` times ``scale``."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(step) * scale
         self.optimizer.step()
