@@ -41,14 +41,16 @@ def device() -> torch.device:
 
 
 def parallelize(model: nn.Module, description: ModelDescription, parallel: ParallelConfig | None = None, *,
-                seed: int = 0, tokens_per_step: int | None = None, sample=None) -> ParallelModel:
+                seed: int = 0, tokens_per_step: int | None = None, sample=None,
+                recompute: str = "none") -> ParallelModel:
     """Split ``model`` (the same on every process, already on its device) over the processes of
     this run as ``parallel`` says (default: data parallel over all of them; ``dp=0``: the
     processes left after tp and pp). Collective: every process calls it.
 
     ``seed`` seeds tensor parallel's per-rank dropout stream; ``tokens_per_step`` (tokens each dp
     rank trains on per step) balances pipeline stages by cost, else blocks are split evenly;
-    ``sample`` (one micro-batch's inputs) checks the description by running its pieces once.
+    ``sample`` (one micro-batch's inputs) checks the description by running its pieces once;
+    ``recompute`` (none, selective, full) trades compute for activation memory in backward.
     With dropout, seed the default stream per rank after this call (it must differ over dp and
     pp): ``torch.manual_seed(plait.seed_for(seed, "dropout", dp_rank=pm.dp_rank, pp_rank=pm.coord.pp_rank))``."""
     if not dist.is_initialized():
@@ -57,7 +59,7 @@ def parallelize(model: nn.Module, description: ModelDescription, parallel: Paral
     layout = resolve_layout(parallel or ParallelConfig(), dist.get_world_size())
     groups = build_groups(Topology.of(layout), next(model.parameters()).device.type)
     return _parallelize(model, description, groups, layout, seed=seed, tokens_per_step=tokens_per_step,
-                        sample=sample)
+                        sample=sample, recompute=recompute)
 
 
 def launch(fn: Callable, nproc: int | None = None, *args):

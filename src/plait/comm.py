@@ -186,11 +186,13 @@ def reduce_scatter_dim(x: torch.Tensor, group, dim: int, tally: Tally | None = N
 
 
 def split_dim(x: torch.Tensor, group, dim: int, tally: Tally | None = None) -> torch.Tensor:
-    """This rank's 1/n slice along ``dim`` (no communication)."""
+    """This rank's 1/n slice along ``dim`` (no communication), in storage of its own: a view
+    would keep the whole of ``x`` alive for as long as autograd holds the slice."""
     n = group_size(group)
     if n == 1:
         return x
-    return x.chunk(n, dim=dim)[dist.get_rank(group)].contiguous()
+    piece = x.chunk(n, dim=dim)[dist.get_rank(group)]
+    return piece.clone() if piece.is_contiguous() else piece.contiguous()
 
 
 def _all_reduce(x: torch.Tensor, group, tally: Tally | None = None) -> torch.Tensor:

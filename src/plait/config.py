@@ -27,6 +27,7 @@ FLAVOURS = ("gpt2", "llama")
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 QUANTIZE = ("none", "bf16", "fp8")
 PS_MODES = ("sync", "async", "ssp")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    recompute: str = "none"  # selective: attention cores; full: whole blocks (parallel/recompute.py)
 
 
 @dataclass(frozen=True)
@@ -503,6 +505,9 @@ def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:
             raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
     if t.dtype not in DTYPES:
         raise ConfigError("train.dtype", t.dtype, f"valid dtypes: {', '.join(DTYPES)}")
+    if t.recompute not in RECOMPUTE:
+        raise ConfigError("train.recompute", t.recompute, f"valid: {', '.join(RECOMPUTE)} (none keeps every "
+                          "activation; selective recomputes attention cores, full whole blocks)")
     per_step = p.dp * t.micro_batch
     if t.global_batch % per_step:
         raise ConfigError(

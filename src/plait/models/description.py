@@ -90,6 +90,7 @@ class ModelDescription:
     side: Callable[[nn.Module, Any], dict] | None = None  # (model, inputs) -> side inputs of every block
     loss: Callable | None = None  # (outputs, targets, reduction) -> loss; None: next-token cross-entropy
     costs: Callable[[int], tuple[float, float, float]] | None = None  # tokens -> (embed, block, head) cost
+    attention_core: str = ""  # pattern of the modules (q, k, v) -> attention output; selective recompute
 
     def side_inputs(self, model: nn.Module, inputs: Any) -> dict:
         """What every block receives beside the hidden states (``{}`` when the model has none)."""

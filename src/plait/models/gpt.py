@@ -104,6 +104,22 @@ class Decoding:
     rows: torch.Tensor | None = None
 
 
+class AttentionCore(nn.Module):
+    """Causal attention of (B, heads, S, hd) queries over keys and values: QK^T, softmax, dropout,
+    the sum over V (one fused ``scaled_dot_product_attention``). A module of its own so that
+    selective recomputation can name it (Korthikanti et al. 2022's attention core)."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -113,7 +129,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=bias)
-        self.dropout = cfg.dropout
+        self.core = AttentionCore(cfg.dropout)
         self.rope = cfg.flavour == "llama"
         if self.rope:
             cos, sin = rope_tables(cfg.seq_len, self.head_dim)
@@ -130,10 +146,7 @@ class Attention(nn.Module):
             return self._decode(q, k, v, decoding)
         if self.rope:
             q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )  # (B, heads, S, hd)
+        y = self.core(q, k, v)  # (B, heads, S, hd)
         return self.wo(y.transpose(1, 2).flatten(2))
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Decoding) -> torch.Tensor:
@@ -248,7 +261,7 @@ class GPT(nn.Module):
             input_modules=("tok_emb", "pos_emb", "drop") if cfg.flavour == "gpt2" else ("tok_emb", "drop"),
             output_modules=("norm", "lm_head"),
             tied=(("lm_head.weight", "tok_emb.weight"),) if cfg.flavour == "gpt2" else (),
-            tp=plan, costs=lambda tokens: layer_costs(cfg, tokens))
+            tp=plan, costs=lambda tokens: layer_costs(cfg, tokens), attention_core="blocks.*.attn.core")
 
 
 def layer_costs(m: ModelConfig, tokens: int) -> tuple[float, float, float]:

@@ -1,9 +1,9 @@
 """``parallelize()``: the one place where the strands are composed, in a fixed order.
 
-tensor parallel -> pipeline parallel -> a data-parallel strand (plain, ZeRO-1/2, ZeRO-3 or DiLoCo). Each is
-applied to the plain model from the outside, guided only by the model's description; the model
-never imports torch.distributed. Training, verify, bench and users' own loops build their parallel
-model here and drive it only through ``ParallelModel``.
+tensor parallel -> recomputation -> pipeline parallel -> a data-parallel strand (plain, ZeRO-1/2,
+ZeRO-3, DiLoCo or a parameter server). Each is applied to the plain model from the outside, guided
+only by the model's description; the model never imports torch.distributed. Training, verify,
+bench and users' own loops build their parallel model here and drive it only through ``ParallelModel``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .pipeline.runtime import PipelineParallel, StepContext
 from .pipeline.stages import apply_pipeline, tied_copy
 from .protocol import DataParallelStrand
 from .ps import PSWorker
+from .recompute import apply_recompute
 from .tensor import TensorParallel, apply_tensor_parallel
 from .zero import ZeroDataParallel
 from .zero3 import Zero3
@@ -303,14 +304,16 @@ def _stage_forward(pipe: PipelineParallel, chunk, x):
 
 def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parallel: ParallelConfig, *,
                 seed: int = 0, tokens_per_step: int | None = None, sample=None,
-                diloco: DilocoConfig | None = None, ps: PsConfig | None = None) -> ParallelModel:
+                diloco: DilocoConfig | None = None, ps: PsConfig | None = None,
+                recompute: str = "none") -> ParallelModel:
     """Apply the layout ``parallel`` to ``model`` (already on its device and dtype, the same on
     every rank) as its description ``desc`` allows; with ``diloco``, DiLoCo over dp in place of
     synchronous data parallel, with ``ps`` a parameter server on ``groups``' server ranks.
 
     ``seed``: the run's seed (tensor parallel's dropout stream derives from it); ``tokens_per_step``:
     tokens each dp rank trains on in a step (balances pipeline stages); ``sample``: inputs of one
-    micro-batch, to check the description by running its pieces once before anything is split."""
+    micro-batch, to check the description by running its pieces once before anything is split;
+    ``recompute``: none, selective (attention cores) or full (blocks), see ``recompute.py``."""
     check(desc, model, sample)
     p, coord = parallel, groups.coord
     traffic = comm.Traffic()
@@ -325,6 +328,7 @@ def parallelize(model: nn.Module, desc: ModelDescription, groups: Groups, parall
             raise DescriptionError("loss", getattr(desc.loss, "__name__", "loss"), "a vocab_head makes the loss "
                                    "vocabulary-parallel (next-token cross-entropy): leave loss unset, or style "
                                    "the output layer otherwise")
+    apply_recompute(model, desc, recompute, streams=[tp.rng] if tp is not None and tp.rng is not None else [])
     if p.pp > 1:
         pipeline = apply_pipeline(model, desc, groups.pp, schedule=p.schedule, virtual_stages=p.virtual_stages,
                                   stage_layers=p.stage_layers, tokens_per_step=tokens_per_step,

@@ -30,7 +30,7 @@ def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 class ActivationMeter:
-    """Counts the bytes autograd saves for backward (activations), parameters excluded.
+    """Counts the bytes autograd saves for backward (activations), parameters and buffers excluded.
 
     ``with meter.forward(key):`` around a forward counts what it saves under ``key``;
     ``release(key)`` once its backward is done. ``peak`` is the most held at once, so a pipeline
@@ -65,7 +65,8 @@ class ActivationMeter:
             yield
 
     def _params_now(self) -> set[int]:
-        return {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        held = [*self._model.parameters(), *self._model.buffers()]  # model state (rotary tables), not activations
+        return {t.untyped_storage().data_ptr() for t in held}
 
     def release(self, key) -> None:
         self._held -= self._live.pop(key, 0)

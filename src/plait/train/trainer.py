@@ -91,7 +91,7 @@ def build_parallel(cfg: RunConfig, groups: Groups, device: torch.device) -> tupl
     n = num_params(model)
     sample = None if device.type == "meta" else torch.zeros((1, cfg.model.seq_len), dtype=torch.long, device=device)
     pm = parallelize(model, desc, groups, cfg.parallel, seed=cfg.train.seed, tokens_per_step=step_tokens(cfg),
-                     sample=sample, diloco=cfg.diloco, ps=cfg.ps)
+                     sample=sample, diloco=cfg.diloco, ps=cfg.ps, recompute=cfg.train.recompute)
     return pm, n
 
 
@@ -125,8 +125,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def _micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list:
-        mb = self.cfg.train.micro_batch  # (B/dp, S) -> [(micro_batch, S)]
-        return [(x[i:i + mb].to(self.device), y[i:i + mb].to(self.device)) for i in range(0, len(x), mb)]
+        mb = self.cfg.train.micro_batch  # (B/dp, S) -> [(micro_batch, S)], each in storage of its own
+        return [(x[i:i + mb].to(self.device, copy=True), y[i:i + mb].to(self.device, copy=True))
+                for i in range(0, len(x), mb)]
 
     def step(self, step: int) -> dict:
         """One optimizer step; returns the metrics row (loss averaged over dp)."""
