@@ -96,11 +96,12 @@ def narayanan_params(m: ModelConfig) -> float:
     return 12 * l * h * h * (1 + 13 / (12 * h) + (m.vocab + m.seq_len) / (12 * l * h))
 
 
-def rank_params(m: ModelConfig, layout: Layout, stage: int) -> int:
+def rank_params(m: ModelConfig, layout: Layout, stage: int, tokens: int | None = None) -> int:
     """Parameters held by one rank of pipeline ``stage`` (0 .. p-1): its blocks, split by tp,
-    plus the input stage on the first and the output stage (a tied copy under pp) on the last."""
+    plus the input stage on the first and the output stage (a tied copy under pp) on the last;
+    ``tokens`` per dp rank and step balance the stages as the runtime does (None: evenly)."""
     pc, t, p = params(m), layout.tp, layout.pp
-    n = stage_layers(m.layers, p, layout.virtual_stages)[stage] * (pc.block_split / t + pc.block_whole)
+    n = stage_layers(m.layers, p, layout.virtual_stages, m, tokens)[stage] * (pc.block_split / t + pc.block_whole)
     vocab = math.ceil(m.vocab / t) * m.hidden  # vocabulary rows padded to a multiple of tp
     if stage == 0:
         n += vocab + pc.embed_other
@@ -109,10 +110,30 @@ def rank_params(m: ModelConfig, layout: Layout, stage: int) -> int:
     return int(n)
 
 
-def stage_layers(layers: int, p: int, v: int = 1) -> list[int]:
-    """Blocks per pipeline rank when every chunk gets layers / (p v), the first ones one more."""
-    chunks = [layers // (p * v) + (1 if c < layers % (p * v) else 0) for c in range(p * v)]
+BALANCE_UP_TO = 48  # layers the planner splits as the runtime does (its balancing); evenly beyond
+
+
+def stage_layers(layers: int, p: int, v: int = 1, m: ModelConfig | None = None, tokens: int | None = None) -> list[int]:
+    """Blocks per pipeline rank: with the model and the tokens per dp rank and step, the runtime's
+    own balanced split (``parallel/pipeline/partition.py``) on models of up to ``BALANCE_UP_TO``
+    layers; otherwise layers / (p v) per chunk, the first chunks one more."""
+    if p * v == 1:
+        return [layers]
+    if m is not None and tokens and layers <= BALANCE_UP_TO:
+        from ..models.gpt import layer_costs
+
+        embed, block, head = layer_costs(m, tokens)
+        chunks = _balanced(layers, p * v, round(embed / block, 4), round(head / block, 4))
+    else:
+        chunks = tuple(layers // (p * v) + (1 if c < layers % (p * v) else 0) for c in range(p * v))
     return [sum(chunks[c] for c in range(p * v) if c % p == r) for r in range(p)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _balanced(layers: int, stages: int, embed: float, head: float) -> tuple[int, ...]:
+    from ..parallel.pipeline.partition import balanced_split
+
+    return tuple(balanced_split(layers, stages, (embed, 1.0, head)))
 
 
 # ------------------------------------------------------------------------------------- FLOPs
@@ -203,7 +224,8 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool
     return s * b * h * (inner + scores)
 
 
-def activation_bytes(m: ModelConfig, layout: Layout, stage: int, microbatches: int, act: str = "fp32") -> float:
+def activation_bytes(m: ModelConfig, layout: Layout, stage: int, microbatches: int, act: str = "fp32",
+                     tokens: int | None = None) -> float:
     """Peak activation bytes of one rank of ``stage``: the micro-batch chunks it holds at once
     (the schedule's, ``inflight``) times one chunk's layers, plus the output stage's tensors for
     each micro-batch held there (interleaved: the last chunk runs its backward right after its
@@ -212,7 +234,7 @@ def activation_bytes(m: ModelConfig, layout: Layout, stage: int, microbatches: i
     e = ACT_BYTES[act]
     p, v = layout.pp, layout.virtual_stages
     per_layer = layer_elements(m, layout.tp, layout.sequence_parallel, layout.recompute) * tokens * e
-    chunk_layers = stage_layers(m.layers, p, v)[stage] / v
+    chunk_layers = stage_layers(m.layers, p, v, m, tokens)[stage] / v
     held = inflight(layout.schedule, p, microbatches, v)[stage]
     total = held * chunk_layers * per_layer
     ends = held if v == 1 else 1  # micro-batches whose output stage is held (the last chunk's)
@@ -263,3 +285,154 @@ def _simulated(schedule: str, p: int, m: int, v: int, b: float = 2.0, w: float =
     s = SCHEDULES[schedule]
     timeline = simulate(s.actions(p, m, v if s.interleaved else 1), Costs(f=1.0, b=b, w=w))
     return timeline.makespan, tuple(timeline.peak_inflight())
+
+
+# ------------------------------------------------------------------------------ the estimate
+
+OPS_PER_LAYER = 24  # operations one block's forward runs (norms, matmuls, attention, activations, adds)
+TENSORS_PER_LAYER = {"gpt2": 12, "llama": 9}  # parameter tensors of one block (the optimizer's loop)
+
+
+@dataclass
+class Estimate:
+    """What the cost model predicts for one layout (per device: the busiest pipeline stage)."""
+
+    layout: Layout
+    microbatches: int
+    memory: dict[str, float]  # bytes by kind on the device that holds the most
+    mem_bytes: float
+    fits: bool
+    times: dict[str, float]  # seconds of a step by term
+    step_time_s: float
+    tflops_per_device: float
+    mfu: float
+    bottleneck: str
+    reason: str = ""  # why the layout cannot run ("" when it can)
+
+    def row(self) -> dict:
+        return {**self.layout.as_dict(), "microbatches": self.microbatches, "fits": self.fits,
+                "mem_bytes_per_device": self.mem_bytes, "step_time_s": self.step_time_s,
+                "tflops_per_device": self.tflops_per_device, "mfu": self.mfu, "bottleneck": self.bottleneck,
+                "memory": self.memory, "times": self.times, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is being planned besides the layout: the model, the batch, the numbers' format."""
+
+    model: ModelConfig
+    global_batch: int
+    precision: str = "fp32"  # model states: fp32 (AdamW in fp32), fp64, mixed
+    act: str = "fp32"  # activations: fp32, fp64 or bf16 (autocast)
+    matmul: str = "fp32"  # the matmul dtype whose rate applies
+
+
+def memory(job: Job, layout: Layout, stage: int, hw=None) -> dict[str, float]:
+    """Bytes held by one rank of ``stage``: model states by ZeRO stage, peak activations, and
+    ZeRO-3's gathered unit (one block's full parameters and gradients, and the whole input and
+    output stages, gathered for the step)."""
+    m, d = job.model, layout.dp
+    micro = job.global_batch // (d * layout.micro_batch)
+    tokens = job.global_batch // d * m.seq_len
+    psi = rank_params(m, layout, stage, tokens)
+    out = state_bytes(psi, layout.zero, d, job.precision)
+    out["activations"] = activation_bytes(m, layout, stage, micro, job.act, tokens)
+    if layout.zero >= 3 and d > 1:
+        pb, gb, _ = STATE_BYTES[job.precision]
+        pc = params(m)
+        block = (pc.block_split / layout.tp + pc.block_whole) * (pb + gb)
+        ends = (psi - stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens)[stage]
+                * (pc.block_split / layout.tp + pc.block_whole))
+        out["gathered"] = block + ends * (pb + gb) * (d - 1) / d
+    return out
+
+
+def _stage_times(job: Job, layout: Layout, hw, stage: int, tokens: int) -> tuple[float, float, float, dict]:
+    """(t_F, t_B, t_W) of one micro-batch on ``stage`` (all its chunks), and their parts."""
+    m, t = job.model, layout.tp
+    n = layout.micro_batch * m.seq_len  # tokens of a micro-batch
+    layers = stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens)[stage]
+    pc = params(m)
+    last = stage == layout.pp - 1
+    matmuls = 7 if m.flavour == "llama" else 6
+    mm = n * layers * 2 * (pc.block_split - _biases(m)) / t  # forward matmul FLOPs
+    mm_time = mm / hw.rate(job.matmul, 2 * n * (pc.block_split / matmuls) / t)
+    if last:
+        head = n * 2 * m.hidden * math.ceil(m.vocab / t)
+        mm_time += head / hw.rate(job.matmul, head)
+    att = 3 * n * 4 * m.seq_len * m.hidden / t  # fused attention, forward and backward, one layer
+    att_time = layers * att / hw.attention_rate(job.matmul, att)
+    elements = n * (layers * layer_elements(m, t, layout.sequence_parallel)
+                    + (head_elements(m, t, layout.sequence_parallel) if last else 0))
+    other = elements * hw.elementwise_s  # norms, activations, adds: forward and backward
+    e = ACT_BYTES[job.act]
+    compute = mm_time + (att_time + other) / 3 + layers * OPS_PER_LAYER * hw.op_latency_s  # one forward
+    tp = 0.0
+    if t > 1:  # per layer two all-reduces forward (sp: an all-gather and a reduce-scatter each)
+        size = n * m.hidden * e
+        one = (hw.collective("all_gather", size, t) + hw.collective("reduce_scatter", size, t)
+               if layout.sequence_parallel else hw.collective("all_reduce", size, t))
+        tp = 2 * layers * one
+    p2p = 0.0
+    if layout.pp > 1:  # one activation in, one out, per chunk (gradients the same way back)
+        seq = t if layout.sequence_parallel else 1
+        p2p = layout.virtual_stages * hw.collective("send_recv", n * m.hidden * e / seq, 2)
+    recompute = {"none": 0.0, "full": compute + tp, "selective": att_time / 3}[layout.recompute]
+    tf = compute + tp + p2p
+    tb = 2 * compute + tp + recompute + p2p
+    tw = compute  # weight gradients: half of the backward's matmuls
+    parts = {"compute": 3 * compute, "tp": 2 * tp, "pp": 2 * p2p, "recompute": recompute}
+    return tf, tb, tw, parts
+
+
+def estimate(job: Job, layout: Layout, hw, devices: int | None = None) -> Estimate:
+    """Memory and step time of ``layout`` for ``job`` on ``hw`` (see docs/planner.md)."""
+    m, d, p = job.model, layout.dp, layout.pp
+    micro = job.global_batch // (d * layout.micro_batch)
+    tokens = job.global_batch // d * m.seq_len
+    mems = [memory(job, layout, s) for s in range(p)]
+    worst = max(range(p), key=lambda s: sum(mems[s].values()))
+    mem = mems[worst]
+    total = sum(mem.values())
+    stages = [_stage_times(job, layout, hw, s, tokens) for s in range(p)]
+    slow = max(range(p), key=lambda s: stages[s][0] + stages[s][1])
+    tf, tb, tw, parts = stages[slow]
+    span = pipeline_time(layout.schedule, p, micro, layout.virtual_stages, tf, tb, tw)
+    ideal = micro * (tf + tb)
+    times = {k: micro * v for k, v in parts.items()}
+    times["bubble"] = span - ideal
+    times.update(_dp_times(job, layout, hw, mems, tokens, micro, tb))
+    step = span + sum(v for k, v in times.items() if k in ("dp", "zero", "optimizer", "latency"))
+    useful = model_flops_per_token(m) * job.global_batch * m.seq_len / (d * layout.tp * p)
+    peak = hw.peak_flops.get(job.matmul) or hw.rate(job.matmul, 1e12)
+    fits = total <= hw.memory_bytes
+    bottleneck = max(times, key=times.get)
+    return Estimate(layout, micro, mem, total, fits, times, step, useful / step / 1e12, useful / step / peak,
+                    bottleneck, "" if fits else f"needs {total / 2**30:.1f} GiB per device, "
+                    f"{hw.memory_bytes / 2**30:.1f} GiB available")
+
+
+def _dp_times(job: Job, layout: Layout, hw, mems: list[dict], tokens: int, micro: int, tb: float) -> dict:
+    """Data parallel's collectives (the gradient all-reduce overlaps the last backward; ZeRO's do
+    not), the optimizer's pass over its parameters (memory-bound), and the step's small
+    all-reduces (loss, gradient norm)."""
+    m, d = job.model, layout.dp
+    pb, gb, ob = STATE_BYTES[job.precision]
+    psi = max(rank_params(m, layout, s, tokens) for s in range(layout.pp))
+    grads = psi * gb
+    out = {"dp": 0.0, "zero": 0.0}
+    if d > 1 and layout.zero == 0:
+        out["dp"] = max(0.0, hw.collective("all_reduce", grads, d) - tb)
+    elif d > 1 and layout.zero < 3:
+        out["zero"] = hw.collective("reduce_scatter", grads, d) + hw.collective("all_gather", psi * pb, d)
+    elif d > 1:
+        pc = params(m)
+        block = (pc.block_split / layout.tp + pc.block_whole) * pb
+        layers = max(stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens))
+        out["zero"] = (2 * micro * layers * hw.collective("all_gather", block, d)
+                       + hw.collective("reduce_scatter", grads, d) + hw.collective("all_gather", psi * pb, d) / 4)
+    stepped = psi / (d if layout.zero >= 1 else 1)
+    tensors = m.layers * TENSORS_PER_LAYER[m.flavour] / layout.pp + 4
+    out["optimizer"] = stepped * 2 * (pb + gb + ob) / hw.memory_bw + tensors * 12 * hw.op_latency_s
+    out["latency"] = 2 * hw.link("all_reduce", max(d * layout.tp * layout.pp, 2)).latency_s
+    return out
