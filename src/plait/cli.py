@@ -20,6 +20,8 @@ from . import config as C
 from .errors import ConfigError, PlaitError
 from .generate import add_generate_parser, cmd_generate
 from .launch import WorkerFailed
+from .plan.commands import add_parsers as add_plan_parsers
+from .plan.commands import cmd_plan, cmd_probe
 
 SHORT_FLAGS = {  # --flag -> config key
     "dp": "parallel.dp", "tp": "parallel.tp", "pp": "parallel.pp", "zero": "parallel.zero",
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its newest good checkpoint, with its saved config "
                             "(the layout, train.steps, checkpoint.* and logging keys may be changed)")
+    train.add_argument("--layout", metavar="auto", help="auto: let the planner choose the layout for the local "
+                       "processes (this machine's profile, made by plait probe on first use) and log its reasons")
     train.add_argument("--max-restarts", type=int, default=0, metavar="R",
                        help="when a process dies, stop all and restart from the newest good checkpoint, "
                             "up to R times (under torchrun: torchrun's own --max-restarts)")
@@ -98,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     bench.add_argument("--json", action="store_true", help="print a JSON object")
     add_generate_parser(sub)
+    add_plan_parsers(sub)
     return parser
 
 
@@ -166,6 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     start = _newest_checkpoint(_resume_out(args), required=args.resume) if resume else None
     cfg = _resume_config(args, start) if start else load_config(args)
     nproc = nproc_for(args, cfg)
+    extra = {}
+    if args.layout is not None:
+        cfg, extra = _auto_layout(args, cfg, nproc, start)
     cfg = C.resolve(cfg, nproc)
     _check_timeline(args.timeline, cfg)
     if cfg.ps is not None and (start or args.max_restarts or args.dry_run):
@@ -178,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = out_dir(args.out, check=rank == 0 and not resume)
     load_corpus(cfg.data, cfg.model.seq_len, progress=rank == 0)  # tokenise once, fail early
     opts = RunOptions(out=out, progress=not args.no_progress, sample_tokens=args.sample,
-                      timeline_step=args.timeline, resume=start)
+                      timeline_step=args.timeline, resume=start, row_extra=extra)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out)
@@ -189,6 +197,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is not None:
         _report(result)
     return 0
+
+
+def _auto_layout(args: argparse.Namespace, cfg: C.RunConfig, nproc: int, start) -> tuple[C.RunConfig, dict]:
+    """``--layout auto``: the planner's layout for ``nproc`` processes, and the predictions that
+    go into every metrics row beside what is measured."""
+    from .plan.commands import auto_layout
+
+    if args.layout != "auto":
+        raise ConfigError("--layout", args.layout, "train takes --layout auto (give a layout with --set parallel.*)")
+    if start is not None:
+        raise ConfigError("--layout", "auto", "a resumed run keeps its layout (or give one with --set parallel.*)")
+    cfg, _, predicted = auto_layout(cfg, nproc)
+    return cfg, predicted
 
 
 RESUMABLE = ("parallel.", "train.steps", "train.log_every", "train.eval_every", "checkpoint.")
@@ -389,7 +410,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench,
-            "schedule": cmd_schedule, "generate": cmd_generate}
+            "schedule": cmd_schedule, "generate": cmd_generate, "plan": cmd_plan, "probe": cmd_probe}
 
 
 def main(argv: list[str] | None = None) -> int:

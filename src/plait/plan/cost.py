@@ -34,7 +34,7 @@ STATE_BYTES = {  # bytes per parameter: (parameters, gradients, optimizer states
     "mixed": (2, 2, 12),  # ZeRO paper: 16-bit parameters and gradients, fp32 master copy and moments
 }
 ACT_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2}  # bytes of one activation element
-SIMULATE_UP_TO = 4096  # actions (p x m x v) the simulator handles in the search; closed forms beyond
+SIMULATE_UP_TO = 256  # actions (p x m x v) the simulator times; closed forms beyond (tested equal when m >= p)
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,22 @@ def stage_layers(layers: int, p: int, v: int = 1, m: ModelConfig | None = None, 
         from ..models.gpt import layer_costs
 
         embed, block, head = layer_costs(m, tokens)
-        chunks = _balanced(layers, p * v, round(embed / block, 4), round(head / block, 4))
+        return list(_per_rank(layers, p, v, round(embed / block, 4), round(head / block, 4)))
+    return list(_per_rank(layers, p, v))
+
+
+@functools.lru_cache(maxsize=4096)
+def _per_rank(layers: int, p: int, v: int, embed: float | None = None, head: float | None = None) -> tuple[int, ...]:
+    """Blocks per rank from the chunks' split (balanced when the costs are given, else even);
+    rank r holds chunks r, r + p, r + 2p, ..."""
+    if embed is None:
+        chunks = [layers // (p * v) + (1 if c < layers % (p * v) else 0) for c in range(p * v)]
     else:
-        chunks = tuple(layers // (p * v) + (1 if c < layers % (p * v) else 0) for c in range(p * v))
-    return [sum(chunks[c] for c in range(p * v) if c % p == r) for r in range(p)]
+        chunks = _balanced(layers, p * v, embed, head)
+    ranks = [0] * p
+    for c, n in enumerate(chunks):
+        ranks[c % p] += n
+    return tuple(ranks)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -264,13 +276,15 @@ def inflight(schedule: str, p: int, m: int, v: int = 1) -> list[int]:
 
 def pipeline_time(schedule: str, p: int, m: int, v: int, tf: float, tb: float, tw: float) -> float:
     """Makespan of one step's schedule where a stage's forward of one micro-batch takes ``tf``,
-    its backward ``tb`` (of which the weight gradients ``tw``), transfers free."""
+    its backward ``tb`` (of which the weight gradients ``tw``), transfers free. Beyond the
+    simulator's size, zero bubble with fewer micro-batches than stages is costed as 1F1B (its
+    upper bound)."""
     if p == 1:
         return m * (tf + tb)
-    if p * m * v <= SIMULATE_UP_TO:
-        unit = _simulated(schedule, p, m, v, round(tb / tf, 3), round(tw / tf, 3))[0]
+    if p * m * v <= SIMULATE_UP_TO:  # the ratios rounded to 1/20 of a forward, so that runs share
+        unit = _simulated(schedule, p, m, v, round(tb / tf * 20) / 20, round(tw / tf * 20) / 20)[0]
         return unit * tf / (v if SCHEDULES[schedule].interleaved else 1)
-    if schedule == "zb":
+    if schedule == "zb" and m >= p:
         return m * (tf + tb) + (p - 1) * max(tb - tw, tf + tb - 2 * tw)
     if SCHEDULES[schedule].interleaved:
         return m * (tf + tb) + (p - 1) * (tf + tb) / v
@@ -327,7 +341,7 @@ class Job:
     matmul: str = "fp32"  # the matmul dtype whose rate applies
 
 
-def memory(job: Job, layout: Layout, stage: int, hw=None) -> dict[str, float]:
+def memory(job: Job, layout: Layout, stage: int) -> dict[str, float]:
     """Bytes held by one rank of ``stage``: model states by ZeRO stage, peak activations, and
     ZeRO-3's gathered unit (one block's full parameters and gradients, and the whole input and
     output stages, gathered for the step)."""
@@ -390,13 +404,13 @@ def estimate(job: Job, layout: Layout, hw, devices: int | None = None) -> Estima
     m, d, p = job.model, layout.dp, layout.pp
     micro = job.global_batch // (d * layout.micro_batch)
     tokens = job.global_batch // d * m.seq_len
-    mems = [memory(job, layout, s) for s in range(p)]
-    worst = max(range(p), key=lambda s: sum(mems[s].values()))
-    mem = mems[worst]
+    split = stage_layers(m.layers, p, layout.virtual_stages, m, tokens)
+    kinds = sorted({0, p - 1, max(range(p), key=split.__getitem__)})  # the stages that can be the worst
+    mems = {s: memory(job, layout, s) for s in kinds}
+    mem = max(mems.values(), key=lambda x: sum(x.values()))
     total = sum(mem.values())
-    stages = [_stage_times(job, layout, hw, s, tokens) for s in range(p)]
-    slow = max(range(p), key=lambda s: stages[s][0] + stages[s][1])
-    tf, tb, tw, parts = stages[slow]
+    stages = [_stage_times(job, layout, hw, s, tokens) for s in kinds]
+    tf, tb, tw, parts = max(stages, key=lambda x: x[0] + x[1])
     span = pipeline_time(layout.schedule, p, micro, layout.virtual_stages, tf, tb, tw)
     ideal = micro * (tf + tb)
     times = {k: micro * v for k, v in parts.items()}
@@ -418,7 +432,8 @@ def _dp_times(job: Job, layout: Layout, hw, mems: list[dict], tokens: int, micro
     all-reduces (loss, gradient norm)."""
     m, d = job.model, layout.dp
     pb, gb, ob = STATE_BYTES[job.precision]
-    psi = max(rank_params(m, layout, s, tokens) for s in range(layout.pp))
+    split = stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens)
+    psi = max(rank_params(m, layout, s, tokens) for s in {0, layout.pp - 1, split.index(max(split))})
     grads = psi * gb
     out = {"dp": 0.0, "zero": 0.0}
     if d > 1 and layout.zero == 0:

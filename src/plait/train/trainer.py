@@ -51,6 +51,7 @@ class RunOptions:
     sample_prompt: str = "def "
     timeline_step: int = 0  # record this step's pipeline actions (1-based); 0: off
     resume: Path | None = None  # a checkpoint folder to continue from
+    row_extra: dict = field(default_factory=dict)  # added to every metrics row (--layout auto: the predictions)
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _loop(trainer: Trainer, opts: RunOptions, lead: bool, start: int = 0) -> Tra
         recording = step + 1 == opts.timeline_step and trainer.pm.pipeline_summary() is not None
         if recording:
             trainer.pm.record_actions()
-        row = trainer.step(step)
+        row = {**trainer.step(step), **opts.row_extra}
         if recording:
             result.timeline = _timeline(trainer, opts, lead)
         result.losses.append(row["loss"])
