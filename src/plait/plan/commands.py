@@ -41,7 +41,7 @@ def add_parsers(sub) -> None:
     plan.add_argument("--json", action="store_true", help="print a JSON list")
     probe = sub.add_parser("probe", help="measure this machine (matmul, memory, collectives) into a profile")
     probe.add_argument("--out", help=f"profile file to write (default: {_default_path_text()})")
-    probe.add_argument("--quick", action="store_true", help="fewer sizes (a few seconds)")
+    probe.add_argument("--quick", action="store_true", help="fewer sizes, collectives over 2 processes only")
     probe.add_argument("--json", action="store_true", help="print the profile as JSON")
 
 

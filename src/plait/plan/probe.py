@@ -228,7 +228,7 @@ def probe(counts: tuple[int, ...] = (2, 4), quick: bool = False, progress: bool 
     matmul = {k: [(s, min(d["matmul"][k][i][1] for d in dev)) for i, (s, _) in enumerate(dev[0]["matmul"][k])]
               for k in dev[0]["matmul"]}
     intra: dict[str, dict[int, Link]] = {op: {} for op in COLLECTIVES}
-    for n in counts:
+    for n in counts[:1] if quick else counts:
         say("probe: collectives over %d processes", n)
         times = run_local(collective_worker, n, (quick,), timeout_s=600)[0]
         for op in COLLECTIVES:
