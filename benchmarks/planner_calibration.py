@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLAIT = [sys.executable, "-m", "plait"]
 LAYOUTS = [  # (processes, keys)
-    (1, ""), (1, "micro_batch=4,recompute=full"), (1, "micro_batch=4,recompute=selective"),
+    (1, "micro_batch=4"), (1, "micro_batch=4,recompute=selective"), (1, "micro_batch=4,recompute=full"),
     (2, "dp=2"), (2, "dp=2,zero=1"), (2, "dp=2,zero=2"), (2, "dp=2,zero=3"),
     (2, "tp=2"), (2, "tp=2,sequence_parallel=true"), (2, "tp=2,recompute=full"),
     (2, "pp=2,micro_batch=2"), (2, "pp=2,micro_batch=2,schedule=gpipe"), (2, "pp=2,micro_batch=2,schedule=zb"),

@@ -17,6 +17,8 @@ LAYOUTS = [
     "pp=2,schedule=zb,recompute=selective",
     "pp=2,tp=2,sequence_parallel=true,schedule=zb,recompute=full",
     "pp=2,schedule=interleaved,virtual_stages=2,recompute=full",
+    "dp=2,diloco.inner_steps=2,recompute=full",  # against DiLoCo's own one-process reference
+    "dp=2,ps.servers=1,recompute=selective",
 ]
 
 
