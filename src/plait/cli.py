@@ -208,6 +208,11 @@ def _auto_layout(args: argparse.Namespace, cfg: C.RunConfig, nproc: int, start) 
         raise ConfigError("--layout", args.layout, "train takes --layout auto (give a layout with --set parallel.*)")
     if start is not None:
         raise ConfigError("--layout", "auto", "a resumed run keeps its layout (or give one with --set parallel.*)")
+    if _torchrun():
+        raise ConfigError("--layout", "auto", "under torchrun every rank would plan on its own: plan with plait "
+                          "plan --cluster FILE and give the layout with --set parallel.*")
+    if args.dry_run:
+        raise ConfigError("--layout", "auto", "not with --dry-run: plait plan prints what --layout auto would run")
     cfg, _, predicted = auto_layout(cfg, nproc)
     return cfg, predicted
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import tiny_args
+from tests.conftest import TINY, tiny_args
 
 pytestmark = pytest.mark.timeout(180)
 PLAIT = [sys.executable, "-m", "plait"]
@@ -78,11 +78,37 @@ def test_a_named_layout_that_cannot_run_is_shown_with_its_reason(tmp_path, capsy
     (["--cluster", "dgx-a100-80gb", "--layout", "tp=two"], "--layout"),
     (["--cluster", "dgx-a100-80gb", "--model", "missing.toml"], "missing.toml"),
     (["--cluster", "dgx-a100-80gb", "--top", "0"], "--top"),
+    (["--cluster", "dgx-a100-80gb", "--model", "BUILDER"], "model.builder"),
 ])
-def test_bad_plan_input_is_one_line(args, field, capsys):
+def test_bad_plan_input_is_one_line(args, field, capsys, tmp_path):
+    if "BUILDER" in args:
+        (tmp_path / "b.toml").write_text('[model]\nbuilder = "examples/own_model.py:build"\n')
+        args = [str(tmp_path / "b.toml") if a == "BUILDER" else a for a in args]
+        field = "model.builder"
     code, out, err = plan(capsys, *args)
     assert code == 2 and out == "", (out, err)
     assert err.count("\n") == 1 and field in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("layout,why", [
+    ("micro_batch=0", "micro_batch must be at least 1"), ("dp=1,tp=8,zero=1", "needs dp > 1"),
+    ("dp=2,tp=3", "not the 8 devices"), ("pp=2,schedule=interleaved,virtual_stages=8", "stages"),
+])
+def test_named_layouts_are_refused_with_a_reason_not_a_traceback(layout, why, capsys):
+    code, out, err = plan(capsys, "--cluster", "dgx-h100-80gb", "--devices", "8", "--global-batch", "8",
+                          "--layout", layout, "--json")
+    row = json.loads(out)[0]
+    assert code == 0 and not row["fits"] and why in row["reason"], (row["reason"], err)
+
+
+def test_bad_probe_and_auto_layout_input_is_one_line(corpus_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args, field in ((["probe", "--out", str(blocker / "p.json")], "--out"),
+                        (["train", *tiny_args(corpus_file), "--layout", "auto", "--tp", "2"], "--layout"),
+                        (["train", *tiny_args(corpus_file), "--layout", "auto", "--dry-run"], "--layout")):
+        r = plait(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and field in r.stderr, (args, r.stderr)
 
 
 def test_plan_for_this_machine_and_train_with_the_winner(profile, corpus_file, tmp_path):
@@ -93,7 +119,9 @@ def test_plan_for_this_machine_and_train_with_the_winner(profile, corpus_file, t
     cache.mkdir()
     shutil.copy(profile, cache / "probe.json")  # the profile --layout auto uses (made by probe on first use)
     out = tmp_path / "run"
-    r = plait("train", *tiny_args(corpus_file), "--layout", "auto", "--steps", "3", "--out", str(out),
+    args = [a for s in TINY if s != "train.micro_batch=2" for a in ("--set", s)]  # --layout auto chooses it
+    args += ["--data", str(corpus_file)]
+    r = plait("train", *args, "--layout", "auto", "--steps", "3", "--out", str(out),
               "--no-progress", "--sample", "0", env={"PLAIT_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
     assert "plan: winner" in r.stderr

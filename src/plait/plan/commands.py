@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 from .. import config as C
@@ -86,11 +87,28 @@ def job_of(model: C.ModelConfig, global_batch: int, dtype: str) -> Job:
     return Job(model, global_batch, precision="fp64" if dtype == "fp64" else "fp32", act=dtype, matmul=dtype)
 
 
+def planned_model(cfg: C.RunConfig, field: str) -> C.ModelConfig:
+    """The model section of ``cfg`` with its defaults filled in (kv_heads, ffn_hidden), validated on
+    its own: the planner chooses the layout, so the config's own is left out. plait's gpt2 and
+    llama only: a user's builder model has no formulas here."""
+    if cfg.model.builder:
+        raise ConfigError(field, cfg.model.builder, "the planner models plait's gpt2 and llama blocks; a "
+                          "model.builder model has no formulas here (give its layout with --set parallel.*)")
+    alone = C.RunConfig(model=cfg.model, train=dataclasses.replace(cfg.train, micro_batch=1))
+    return C.resolve(alone, 1).model
+
+
+def dtype_of(train_dtype: str, hw: hardware.Hardware) -> str:
+    """The planner's dtype for ``train.dtype``: auto is bf16 where the hardware has it (CUDA)."""
+    named = {"float64": "fp64", "bfloat16": "bf16", "float32": "fp32"}
+    return named.get(train_dtype) or ("bf16" if "bf16" in hw.matmul else "fp32")
+
+
 def _inputs(args: argparse.Namespace) -> tuple[Job, hardware.Hardware, int]:
-    cfg = C.load(args.model, [])
     if args.model and not Path(args.model).is_file():
         raise ConfigError("--model", args.model, "no such file (a TOML file with a [model] section)")
-    model = C.resolve(cfg, 1).model
+    cfg = C.load(args.model, [])
+    model = planned_model(cfg, "--model")
     batch = args.global_batch if args.global_batch is not None else cfg.train.global_batch
     if batch < 1:
         raise ConfigError("--global-batch", batch, "must be a positive number of sequences")
@@ -100,7 +118,7 @@ def _inputs(args: argparse.Namespace) -> tuple[Job, hardware.Hardware, int]:
     devices = args.devices if args.devices is not None else hw.devices_per_node
     if devices < 1:
         raise ConfigError("--devices", devices, "must be at least 1")
-    dtype = args.dtype or ("bf16" if "bf16" in hw.matmul else "fp32")
+    dtype = args.dtype or dtype_of("auto", hw)
     return job_of(model, batch, dtype), hw, devices
 
 
@@ -112,6 +130,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         ranked = search(job, devices, hw, args.allow_tp_across_nodes)
         rows, lines = ranked[:args.top], explain(ranked, args.top)
+        if not ranked:
+            print(f"plait: {lines[0]}", file=sys.stderr)
     if args.json:
         print(json.dumps([{**e.row(), "layout": name(e.layout), "why": line} for e, line in
                           zip(rows, lines + [""] * len(rows))], indent=1))
@@ -142,15 +162,28 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .probe import default_path, format_profile, probe
 
     out = Path(args.out).expanduser() if args.out else default_path()
-    if out.exists() and out.is_dir():
-        raise ConfigError("--out", str(out), "is a folder; give a file name for the profile")
+    _writable(out)
     hw = probe(quick=args.quick)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(hw.to_json())
     print(hw.to_json() if args.json else format_profile(hw))
     if not args.json:
         print(f"profile: {out} (plait plan --cluster {out})")
     return 0
+
+
+def _writable(out: Path) -> None:
+    """Fail now, not after the measurements, if the profile cannot be written to ``out``."""
+    if out.is_dir():
+        raise ConfigError("--out", str(out), "is a folder; give a file name for the profile")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as e:
+        raise ConfigError("--out", str(out), f"cannot be written ({e.strerror or e})") from None
 
 
 def auto_layout(cfg: C.RunConfig, nproc: int) -> tuple[C.RunConfig, Estimate, dict]:
@@ -159,9 +192,14 @@ def auto_layout(cfg: C.RunConfig, nproc: int) -> tuple[C.RunConfig, Estimate, di
     to write beside the measured values (rank 0's memory: metrics.jsonl is rank 0's)."""
     if cfg.ps is not None or cfg.diloco is not None:
         raise ConfigError("--layout", "auto", "plans synchronous layouts; leave out ps.* and diloco.*")
+    default = C.RunConfig()
+    chosen = (cfg.parallel, cfg.train.micro_batch, cfg.train.recompute)
+    if chosen != (default.parallel, default.train.micro_batch, default.train.recompute):
+        raise ConfigError("--layout", "auto", "chooses parallel.*, train.micro_batch and train.recompute itself; "
+                          "leave them out (or leave out --layout auto)")
+    model = planned_model(cfg, "--layout")
     hw = local_profile()
-    dtype = {"float64": "fp64", "bfloat16": "bf16"}.get(cfg.train.dtype, "bf16" if "bf16" in hw.matmul else "fp32")
-    job = job_of(C.resolve(cfg, nproc).model, cfg.train.global_batch, dtype)
+    job = job_of(model, cfg.train.global_batch, dtype_of(cfg.train.dtype, hw))
     ranked = search(job, nproc, dataclasses.replace(hw, devices_per_node=max(hw.devices_per_node, nproc)))
     if not ranked:
         raise ConfigError("--layout", "auto", f"no layout of {nproc} processes fits this model and batch; "

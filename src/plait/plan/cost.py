@@ -242,18 +242,18 @@ def activation_bytes(m: ModelConfig, layout: Layout, stage: int, microbatches: i
     (the schedule's, ``inflight``) times one chunk's layers, plus the output stage's tensors for
     each micro-batch held there (interleaved: the last chunk runs its backward right after its
     forward) and the input's token ids."""
-    tokens = layout.micro_batch * m.seq_len
+    n = layout.micro_batch * m.seq_len  # tokens of a micro-batch
     e = ACT_BYTES[act]
     p, v = layout.pp, layout.virtual_stages
-    per_layer = layer_elements(m, layout.tp, layout.sequence_parallel, layout.recompute) * tokens * e
+    per_layer = layer_elements(m, layout.tp, layout.sequence_parallel, layout.recompute) * n * e
     chunk_layers = stage_layers(m.layers, p, v, m, tokens)[stage] / v
     held = inflight(layout.schedule, p, microbatches, v)[stage]
     total = held * chunk_layers * per_layer
     ends = held if v == 1 else 1  # micro-batches whose output stage is held (the last chunk's)
     if stage == p - 1:
-        total += ends * (head_elements(m, layout.tp, layout.sequence_parallel) * tokens * e + 8 * tokens)  # + targets
+        total += ends * (head_elements(m, layout.tp, layout.sequence_parallel) * n * e + 8 * n)  # + targets
     if stage == 0:
-        total += math.ceil(held / v) * 8 * tokens  # token ids
+        total += math.ceil(held / v) * 8 * n  # token ids
     return total
 
 
@@ -369,37 +369,41 @@ def _stage_times(job: Job, layout: Layout, hw, stage: int, tokens: int) -> tuple
     pc = params(m)
     last = stage == layout.pp - 1
     matmuls = 7 if m.flavour == "llama" else 6
-    mm = n * layers * 2 * (pc.block_split - _biases(m)) / t  # forward matmul FLOPs
-    mm_time = mm / hw.rate(job.matmul, 2 * n * (pc.block_split / matmuls) / t)
-    if last:
-        head = n * 2 * m.hidden * math.ceil(m.vocab / t)
-        mm_time += head / hw.rate(job.matmul, head)
+    mm = n * layers * 2 * (pc.block_split - _biases(m)) / t  # forward matmul FLOPs of the blocks
     att = 3 * n * 4 * m.seq_len * m.hidden / t  # fused attention, forward and backward, one layer
     att_time = layers * att / hw.attention_rate(job.matmul, att)
-    elements = n * (layers * layer_elements(m, t, layout.sequence_parallel)
-                    + (head_elements(m, t, layout.sequence_parallel) if last else 0))
-    other = elements * hw.elementwise_s  # norms, activations, adds: forward and backward
+    other = n * layers * layer_elements(m, t, layout.sequence_parallel) * hw.elementwise_s  # fwd and bwd
+    blocks = (mm / hw.rate(job.matmul, 2 * n * (pc.block_split / matmuls) / t) + (att_time + other) / 3
+              + layers * OPS_PER_LAYER * hw.op_latency_s)  # one forward of the stage's blocks
+    head = 0.0
+    if last:  # the output layer and its norm and loss
+        flops = n * 2 * m.hidden * math.ceil(m.vocab / t)
+        head = flops / hw.rate(job.matmul, flops) + n * head_elements(m, t, layout.sequence_parallel) \
+            * hw.elementwise_s / 3
+    compute = blocks + head
     e = ACT_BYTES[job.act]
-    compute = mm_time + (att_time + other) / 3 + layers * OPS_PER_LAYER * hw.op_latency_s  # one forward
+    x = _crossing(layout, hw)
     tp = 0.0
     if t > 1:  # per layer two all-reduces forward (sp: an all-gather and a reduce-scatter each)
         size = n * m.hidden * e
-        one = (hw.collective("all_gather", size, t) + hw.collective("reduce_scatter", size, t)
-               if layout.sequence_parallel else hw.collective("all_reduce", size, t))
+        one = (hw.collective("all_gather", size, t, x["tp"]) + hw.collective("reduce_scatter", size, t, x["tp"])
+               if layout.sequence_parallel else hw.collective("all_reduce", size, t, x["tp"]))
         tp = 2 * layers * one
     p2p = 0.0
     if layout.pp > 1:  # one activation in, one out, per chunk (gradients the same way back)
         seq = t if layout.sequence_parallel else 1
-        p2p = layout.virtual_stages * hw.collective("send_recv", n * m.hidden * e / seq, 2)
-    recompute = {"none": 0.0, "full": compute + tp, "selective": att_time / 3}[layout.recompute]
+        p2p = layout.virtual_stages * hw.collective("send_recv", n * m.hidden * e / seq, 2, x["pp"])
+    recompute = {"none": 0.0, "full": blocks + tp, "selective": att_time / 3}[layout.recompute]
+    twice = layout.schedule == "zb" and layout.pp > 1  # recomputed in I and again in W
     tf = compute + tp + p2p
-    tb = 2 * compute + tp + recompute + p2p
-    tw = compute  # weight gradients: half of the backward's matmuls
+    tb = 2 * compute + tp + recompute * (2 if twice else 1) + p2p
+    tw = compute + (recompute if twice else 0.0)  # weight gradients: half of the backward's matmuls
+    recompute *= 2 if twice else 1
     parts = {"compute": 3 * compute, "tp": 2 * tp, "pp": 2 * p2p, "recompute": recompute}
     return tf, tb, tw, parts
 
 
-def estimate(job: Job, layout: Layout, hw, devices: int | None = None) -> Estimate:
+def estimate(job: Job, layout: Layout, hw) -> Estimate:
     """Memory and step time of ``layout`` for ``job`` on ``hw`` (see docs/planner.md)."""
     m, d, p = job.model, layout.dp, layout.pp
     micro = job.global_batch // (d * layout.micro_batch)
@@ -415,7 +419,7 @@ def estimate(job: Job, layout: Layout, hw, devices: int | None = None) -> Estima
     ideal = micro * (tf + tb)
     times = {k: micro * v for k, v in parts.items()}
     times["bubble"] = span - ideal
-    times.update(_dp_times(job, layout, hw, mems, tokens, micro, tb))
+    times.update(_dp_times(job, layout, hw, tokens, micro, tb))
     step = span + sum(v for k, v in times.items() if k in ("dp", "zero", "optimizer", "latency"))
     useful = model_flops_per_token(m) * job.global_batch * m.seq_len / (d * layout.tp * p)
     peak = hw.peak_flops.get(job.matmul) or hw.rate(job.matmul, 1e12)
@@ -426,7 +430,14 @@ def estimate(job: Job, layout: Layout, hw, devices: int | None = None) -> Estima
                     f"{hw.memory_bytes / 2**30:.1f} GiB available")
 
 
-def _dp_times(job: Job, layout: Layout, hw, mems: list[dict], tokens: int, micro: int, tb: float) -> dict:
+def _crossing(layout: Layout, hw) -> dict[str, bool]:
+    """Which groups cross nodes: ranks are laid out tp fastest, then dp, then pp, so a group
+    spans nodes once the ranks up to its extent outnumber a node's devices."""
+    tp, dp, node = layout.tp, layout.dp, hw.devices_per_node
+    return {"tp": tp > node, "dp": tp * dp > node, "pp": tp * dp * layout.pp > node}
+
+
+def _dp_times(job: Job, layout: Layout, hw, tokens: int, micro: int, tb: float) -> dict:
     """Data parallel's collectives (the gradient all-reduce overlaps the last backward; ZeRO's do
     not), the optimizer's pass over its parameters (memory-bound), and the step's small
     all-reduces (loss, gradient norm)."""
@@ -434,18 +445,19 @@ def _dp_times(job: Job, layout: Layout, hw, mems: list[dict], tokens: int, micro
     pb, gb, ob = STATE_BYTES[job.precision]
     split = stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens)
     psi = max(rank_params(m, layout, s, tokens) for s in {0, layout.pp - 1, split.index(max(split))})
-    grads = psi * gb
+    grads, x = psi * gb, _crossing(layout, hw)["dp"]
     out = {"dp": 0.0, "zero": 0.0}
     if d > 1 and layout.zero == 0:
-        out["dp"] = max(0.0, hw.collective("all_reduce", grads, d) - tb)
+        out["dp"] = max(0.0, hw.collective("all_reduce", grads, d, x) - tb)
     elif d > 1 and layout.zero < 3:
-        out["zero"] = hw.collective("reduce_scatter", grads, d) + hw.collective("all_gather", psi * pb, d)
-    elif d > 1:
-        pc = params(m)
-        block = (pc.block_split / layout.tp + pc.block_whole) * pb
-        layers = max(stage_layers(m.layers, layout.pp, layout.virtual_stages, m, tokens))
-        out["zero"] = (2 * micro * layers * hw.collective("all_gather", block, d)
-                       + hw.collective("reduce_scatter", grads, d) + hw.collective("all_gather", psi * pb, d) / 4)
+        out["zero"] = hw.collective("reduce_scatter", grads, d, x) + hw.collective("all_gather", psi * pb, d, x)
+    elif d > 1:  # each block gathered forward and backward per micro-batch; the input and output
+        pc = params(m)  # stages (the root unit) once a step
+        block = pc.block_split / layout.tp + pc.block_whole
+        layers = max(split)
+        ends = max(0.0, psi - layers * block)
+        out["zero"] = (2 * micro * layers * hw.collective("all_gather", block * pb, d, x)
+                       + hw.collective("reduce_scatter", grads, d, x) + hw.collective("all_gather", ends * pb, d, x))
     stepped = psi / (d if layout.zero >= 1 else 1)
     tensors = m.layers * TENSORS_PER_LAYER[m.flavour] / layout.pp + 4
     out["optimizer"] = stepped * 2 * (pb + gb + ob) / hw.memory_bw + tensors * 12 * hw.op_latency_s

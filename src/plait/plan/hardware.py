@@ -56,7 +56,10 @@ class Hardware:
 
     def link(self, op: str, n: int, across_nodes: bool = False) -> Link:
         """The link of collective ``op`` over ``n`` ranks (the nearest count measured)."""
-        table = (self.inter if across_nodes and self.inter else self.intra)[op]
+        table = (self.inter if across_nodes and self.inter else self.intra).get(op)
+        if not table:
+            raise ConfigError("--cluster", self.name, f"the profile has no {op} measurements (a one-device "
+                              "machine): plan for one device, or use a preset")
         if 0 in table:
             return table[0]
         counts = sorted(table)
@@ -144,7 +147,12 @@ def load(spec: str) -> Hardware:
         raise ConfigError("--cluster", spec, f"neither a preset ({', '.join(PRESETS)}) nor a profile file "
                           "(write one with plait probe --out FILE)")
     try:
-        return Hardware.from_json(path.read_text())
-    except (ValueError, TypeError, KeyError) as e:
+        hw = Hardware.from_json(path.read_text())
+        if not hw.matmul.get("fp32") or hw.devices_per_node < 1 or hw.memory_bytes <= 0:
+            raise ValueError("needs devices_per_node, memory_bytes and an fp32 matmul table")
+        if hw.devices_per_node > 1 and set(hw.intra) != set(COLLECTIVES):
+            raise ValueError(f"needs latency and bandwidth of {', '.join(COLLECTIVES)}")
+        return hw
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
         raise ConfigError("--cluster", spec,
                           f"not a profile written by plait probe ({type(e).__name__}: {e})") from None

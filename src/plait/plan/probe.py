@@ -3,13 +3,16 @@
 Measured with every local process busy at once (the way a run uses them), one process per device
 (a GPU, or a CPU core with one thread):
 
-- matmul: achieved FLOP/s of square matmuls of several sizes, per dtype (fp32, fp64, and bf16
-  where it is fast: on CUDA, or on a CPU with native bf16 matmul);
+- matmul: achieved FLOP/s of square matmuls of several sizes, per dtype (fp32, fp64, and bf16 on
+  CUDA; on this CPU bf16 matmul is ~100x slower and plait trains in fp32);
+- fused attention (fp32): achieved FLOP/s of causal ``scaled_dot_product_attention`` forward and
+  backward at several sequence lengths; element-wise work: seconds per element of norms, GELU,
+  SiLU and adds, forward and backward;
 - memory bandwidth: a large copy (bytes read plus written per second);
 - the fixed cost of one operation: a tiny in-place add, averaged;
-- collectives over 2 and 4 processes (those the machine allows; more processes than cores share
-  them): all-reduce, all-gather, reduce-scatter and send/recv at a small size (latency) and at a
-  large one (bus bandwidth).
+- collectives over 2 and 4 processes (on CUDA, no more than the GPUs; on a CPU more processes
+  than cores share them): all-reduce, all-gather, reduce-scatter and send/recv at 4 kB-8 MB, each
+  between pieces of compute; latency and bus bandwidth by least squares.
 """
 
 from __future__ import annotations
@@ -227,7 +230,9 @@ def probe(counts: tuple[int, ...] = (2, 4), quick: bool = False, progress: bool 
     dev = run_local(device_worker, slots, (quick,), timeout_s=600)
     matmul = {k: [(s, min(d["matmul"][k][i][1] for d in dev)) for i, (s, _) in enumerate(dev[0]["matmul"][k])]
               for k in dev[0]["matmul"]}
-    intra: dict[str, dict[int, Link]] = {op: {} for op in COLLECTIVES}
+    if torch.cuda.is_available():  # one rank a GPU
+        counts = tuple(n for n in counts if n <= torch.cuda.device_count())
+    intra: dict[str, dict[int, Link]] = {op: {} for op in COLLECTIVES} if counts else {}
     for n in counts[:1] if quick else counts:
         say("probe: collectives over %d processes", n)
         times = run_local(collective_worker, n, (quick,), timeout_s=600)[0]

@@ -20,10 +20,18 @@ RECOMPUTE = ("none", "selective", "full")
 MAX_MICRO_BATCH = 64
 
 
-def invalid(job: Job, layout: Layout, hw, allow_tp_across_nodes: bool = False) -> str:
-    """Why ``layout`` cannot run ``job`` on ``hw`` (one line), or "" when it can."""
+def invalid(job: Job, layout: Layout, hw, allow_tp_across_nodes: bool = False, devices: int = 0) -> str:
+    """Why ``layout`` cannot run ``job`` on ``hw`` (one line), or "" when it can; ``devices``: how
+    many the run has (0: do not check how tp falls on nodes)."""
     m, l = job.model, layout
+    for key in ("dp", "tp", "pp", "micro_batch", "virtual_stages"):
+        if getattr(l, key) < 1:
+            return f"{key} must be at least 1, not {getattr(l, key)}"
+    node = hw.devices_per_node
     checks = [
+        (l.zero > 0 and l.dp == 1, f"zero={l.zero} shards over data parallel: it needs dp > 1"),
+        (devices > node and node % l.tp and l.tp < node,
+         f"tp={l.tp} does not divide the {node} devices of a node: some tp groups would straddle two nodes"),
         (l.tp > hw.devices_per_node and not allow_tp_across_nodes,
          f"tp={l.tp} spans nodes of {hw.devices_per_node} devices (allow it with --allow-tp-across-nodes)"),
         (any(x % l.tp for x in (m.heads, m.kv_heads, m.ffn_hidden)),
@@ -63,7 +71,7 @@ def candidates(job: Job, devices: int, hw, allow_tp_across_nodes: bool = False):
                     micros, range(4) if dp > 1 else [0], _schedules(pp), [False, True] if tp > 1 else [False],
                     RECOMPUTE):
                 layout = Layout(dp, tp, pp, zero, b, sched, v, sp, rc)
-                if not invalid(job, layout, hw, allow_tp_across_nodes):
+                if not invalid(job, layout, hw, allow_tp_across_nodes, devices):
                     yield layout
 
 
@@ -91,7 +99,7 @@ def evaluate(job: Job, layout: Layout, devices: int, hw, allow_tp_across_nodes: 
     """One named layout: its estimate, or (``fits`` False) the reason it cannot run."""
     if layout.dp * layout.tp * layout.pp != devices:
         return _refused(job, layout, f"dp x tp x pp = {layout.dp * layout.tp * layout.pp}, not the {devices} devices")
-    why = invalid(job, layout, hw, allow_tp_across_nodes)
+    why = invalid(job, layout, hw, allow_tp_across_nodes, devices)
     return _refused(job, layout, why) if why else estimate(job, layout, hw)
 
 
@@ -100,13 +108,20 @@ def _refused(job: Job, layout: Layout, why: str) -> Estimate:
 
 
 def complete(partial: dict, job: Job, devices: int, hw, allow_tp_across_nodes: bool = False) -> Estimate:
-    """The best layout that keeps the keys of ``partial`` (the others chosen by the planner); if
-    none of those can run, the named layout (defaults elsewhere) with its reason."""
-    keep = [e for e in search(job, devices, hw, allow_tp_across_nodes)
-            if all(getattr(e.layout, k) == v for k, v in partial.items())]
-    if keep:
-        return keep[0]
-    base = Layout(dp=devices // (partial.get("tp", 1) * partial.get("pp", 1)) or 1)
+    """The best layout with the values of ``partial`` (the other keys chosen by the planner among
+    every valid layout of the same dp x tp x pp); if none of those fits, the one needing the
+    least memory, with its reason; if none can run at all, the named layout with why not."""
+    shape = {k: v for k, v in partial.items() if k in ("dp", "tp", "pp")}
+    pool = {replace(c, **partial) for c in candidates(job, devices, hw, allow_tp_across_nodes=True)
+            if all(getattr(c, k) == v for k, v in shape.items())}
+    runs = [estimate(job, c, hw) for c in pool if not invalid(job, c, hw, allow_tp_across_nodes, devices)]
+    fits = sorted((e for e in runs if e.fits), key=lambda e: (e.step_time_s, e.mem_bytes))
+    if fits:
+        return fits[0]
+    if runs:
+        return min(runs, key=lambda e: e.mem_bytes)
+    tp, pp = partial.get("tp", 1), partial.get("pp", 1)
+    base = Layout(dp=max(devices // max(tp * pp, 1), 1))
     return evaluate(job, replace(base, **partial), devices, hw, allow_tp_across_nodes)
 
 
