@@ -18,7 +18,7 @@ _EXPORTS = {
     "parallelize": "plait.api", "launch": "plait.api", "device": "plait.api",
     "ParallelModel": "plait.parallel.hybrid", "ParallelConfig": "plait.config",
     "ModelDescription": "plait.models.description", "TensorParallelPlan": "plait.models.description",
-    "seed_for": "plait.seeds",
+    "seed_for": "plait.seeds", "load_hf": "plait.models.hf", "save_hf": "plait.models.hf",
 }
 
 

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ckpt", required=True,
                         help="a run folder (its newest good checkpoint) or a checkpoint folder")
     export.add_argument("--out", required=True, help="the .safetensors file to write (the config goes beside it, "
-                        ".json)")
+                        ".json); with --hf a folder")
+    export.add_argument("--hf", action="store_true", help="write a Hugging Face folder (config.json, "
+                        "model.safetensors) that transformers loads: gpt2 and llama models")
     verify = sub.add_parser("verify", help="check that layouts compute what one process computes")
     _config_args(verify)
     verify.add_argument("--layouts", help='";"-separated layouts of comma-separated key=value (parallel/train '
@@ -323,9 +325,9 @@ def _last_step(out: Path) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint.export import export
+    from .checkpoint.export import export, export_hf
 
-    out = export(Path(args.ckpt).expanduser(), Path(args.out).expanduser())
+    out = (export_hf if args.hf else export)(Path(args.ckpt).expanduser(), Path(args.out).expanduser())
     print(f"exported {out['tensors']} tensors ({out['values']:,} values) of step {out['step']} to {args.out} "
           f"(config: {out['config']})")
     return 0

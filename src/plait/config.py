@@ -42,6 +42,9 @@ class ModelConfig:
     seq_len: int = 128
     dropout: float = 0.0
     builder: str = ""  # "FILE.py:FUNCTION": a user's model and its description (flavour is then unused)
+    norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
+    init_from: str = ""  # a Hugging Face folder (config.json + safetensors): its shape and weights
 
 
 @dataclass(frozen=True)
@@ -275,8 +278,11 @@ def _toml_value(value: object) -> str:
 
 
 def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
-    """Fill the automatic values (dp, kv_heads, ffn_hidden) for ``nproc`` processes, then validate."""
+    """Fill the automatic values (dp, kv_heads, ffn_hidden; the model's shape from ``init_from``)
+    for ``nproc`` processes, then validate."""
     m, p = cfg.model, cfg.parallel
+    if m.init_from:
+        m = replace(m, **hf_model_keys(m.init_from))
     workers = nproc - servers(cfg)
     if p.dp == 0 and p.tp > 0 and p.pp > 0 and workers > 0 and workers % (p.tp * p.pp) == 0:
         p = replace(p, dp=workers // (p.tp * p.pp))
@@ -285,6 +291,53 @@ def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
     cfg = replace(cfg, model=replace(m, kv_heads=kv, ffn_hidden=ffn), parallel=p)
     validate(cfg, nproc)
     return cfg
+
+
+HF_TYPES = ("gpt2", "llama")  # model_type values of config.json that plait maps
+
+
+def hf_model_keys(folder: str) -> dict:
+    """The ``model`` keys of a Hugging Face folder's config.json (GPT-2 or Llama)."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        raise ConfigError("model.init_from", folder, "has no config.json (a Hugging Face model folder: "
+                          "config.json and model.safetensors)")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError("model.init_from", folder, f"config.json is not JSON ({e})") from None
+    kind = hf.get("model_type")
+    if kind not in HF_TYPES:
+        raise ConfigError("model.init_from", folder, f"model_type {kind!r} is not supported; supported: "
+                          f"{', '.join(HF_TYPES)}")
+    try:
+        return _gpt2_keys(hf) if kind == "gpt2" else _llama_keys(hf)
+    except (KeyError, TypeError) as e:
+        raise ConfigError("model.init_from", folder, f"config.json lacks {e} for model_type {kind}") from None
+
+
+def _gpt2_keys(hf: dict) -> dict:
+    h = hf["n_embd"]
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise KeyError("a tanh-approximated GELU (activation_function gelu_new)")
+    return {"flavour": "gpt2", "layers": hf["n_layer"], "hidden": h, "heads": hf["n_head"], "kv_heads": hf["n_head"],
+            "ffn_hidden": hf.get("n_inner") or 4 * h, "vocab": hf["vocab_size"], "seq_len": hf["n_positions"],
+            "dropout": float(hf.get("resid_pdrop", 0.0)), "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5))}
+
+
+def _llama_keys(hf: dict) -> dict:
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise KeyError("no biases (attention_bias and mlp_bias false)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise KeyError("the default rotary embedding (no rope scaling)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    heads = hf["num_attention_heads"]
+    return {"flavour": "llama", "layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"], "heads": heads,
+            "kv_heads": hf.get("num_key_value_heads") or heads, "ffn_hidden": hf["intermediate_size"],
+            "vocab": hf["vocab_size"], "seq_len": hf["max_position_embeddings"],
+            "dropout": float(hf.get("attention_dropout", 0.0)), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "rope_theta": float(theta)}
 
 
 def servers(cfg: RunConfig) -> int:
@@ -348,6 +401,8 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.kv_heads", m.kv_heads, f"must divide model.heads={m.heads}")
     if not 0 <= m.dropout < 1:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
 
 
 def builder_parts(spec: str) -> tuple[Path, str]:

@@ -89,6 +89,25 @@ def load_for_inference(path: str | Path) -> tuple[C.RunConfig, nn.Module, ModelD
     return cfg, model.eval(), desc
 
 
+def export_hf(path: Path, out: Path) -> dict:
+    """Write the model of the checkpoint at ``path`` as a Hugging Face folder ``out``
+    (config.json and model.safetensors, float32) that ``transformers`` loads."""
+    from ..models import build
+    from ..models.hf import save_hf
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", str(out), "with --hf, name a folder (config.json and model.safetensors go in it)")
+    cfg, step, state = read_checkpoint(path)
+    model, desc = build(cfg.model)
+    load_into(model, desc, state, str(path))
+    try:
+        save_hf(model, out, cfg.model)
+    except OSError as e:
+        raise ConfigError("--out", str(out), f"cannot be written ({e.strerror or e})") from None
+    return {"values": sum(v.numel() for v in state.values()), "tensors": len(state), "step": step,
+            "config": str(out / "config.json")}
+
+
 def export(path: Path, out: Path) -> dict:
     """Write the model of the checkpoint at ``path`` to ``out`` (safetensors) and its config to
     ``out`` with the suffix ``.json``; returns what was written."""

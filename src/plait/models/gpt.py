@@ -27,8 +27,8 @@ from .description import PARAM_COST, ModelDescription, TensorParallelPlan
 
 def _norm(cfg: ModelConfig) -> nn.Module:
     if cfg.flavour == "llama":
-        return nn.RMSNorm(cfg.hidden, eps=1e-5)
-    return nn.LayerNorm(cfg.hidden, eps=1e-5)
+        return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +132,7 @@ class Attention(nn.Module):
         self.core = AttentionCore(cfg.dropout)
         self.rope = cfg.flavour == "llama"
         if self.rope:
-            cos, sin = rope_tables(cfg.seq_len, self.head_dim)
+            cos, sin = rope_tables(cfg.seq_len, self.head_dim, cfg.rope_theta)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 

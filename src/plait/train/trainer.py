@@ -82,6 +82,10 @@ def fresh_model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, ModelD
     torch.manual_seed(seed_for(cfg.train.seed, "init"))
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
         model, desc = build(cfg.model)
+    if cfg.model.init_from and device.type != "meta":  # a Hugging Face folder's weights
+        from ..models.hf import load_weights
+
+        load_weights(model, cfg.model, cfg.model.init_from)
     return model.to(device=device, dtype=param_dtype(cfg)), desc
 
 

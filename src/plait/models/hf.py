@@ -1,0 +1,201 @@
+"""Hugging Face folders in and out: ``config.json`` and safetensors weights <-> plait's models.
+
+``load_hf(folder)`` builds the plait model of a GPT-2 or Llama folder (its shape from config.json,
+``config.hf_model_keys``) and loads its weights; ``save_hf(model, folder)`` writes a folder that
+``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``). Nothing is downloaded.
+
+Names and layouts mapped:
+
+- GPT-2 keeps its linear layers as ``Conv1D`` (weights stored in x out) and the query, key and
+  value in one ``c_attn``: split and transposed into ``wq``, ``wk``, ``wv``; the output layer is
+  tied to the token embedding in both.
+- Llama's rotary embedding pairs dimension i with i + d/2 of each head (``rotate_half``), plait's
+  with its neighbour (2i, 2i+1): the rows of ``q_proj`` and ``k_proj`` are permuted per head on
+  the way in (and back on the way out), which leaves every attention score as it was. A tied
+  output layer (``tie_word_embeddings``) is loaded as a copy of the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, hf_model_keys, resolve
+from ..errors import ConfigError
+
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def model_config(folder: str | Path) -> ModelConfig:
+    """The plait model config of a Hugging Face folder (validated)."""
+    from ..config import RunConfig
+
+    keys = hf_model_keys(str(folder))
+    cfg = RunConfig(model=ModelConfig(**keys))
+    return resolve(cfg, 1).model
+
+
+def load_hf(folder: str | Path) -> nn.Module:
+    """The plain plait model of a local GPT-2 or Llama folder, with its weights (float32)."""
+    from . import build
+
+    cfg = model_config(folder)
+    model = build(cfg)[0]
+    load_weights(model, cfg, folder)
+    return model
+
+
+def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file(s) (one file, or shards with an index)."""
+    from safetensors.torch import load_file
+
+    root = Path(folder).expanduser()
+    if (root / WEIGHTS).is_file():
+        return load_file(str(root / WEIGHTS))
+    if (root / INDEX).is_file():
+        files = sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(root / f)).items()}
+    raise ConfigError("model.init_from", str(folder), f"has no {WEIGHTS} (nor {INDEX}): save the model with "
+                      "save_pretrained(..., safe_serialization=True)")
+
+
+def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path) -> None:
+    """Copy the folder's weights into ``model`` (plait's names and layouts), checking every shape."""
+    hf = read_tensors(folder)
+    mine = dict(model.named_parameters())
+    mapped = (_from_gpt2 if cfg.flavour == "gpt2" else _from_llama)(hf, cfg)
+    with torch.no_grad():
+        for name, param in mine.items():
+            if name not in mapped:
+                if cfg.flavour == "gpt2" and name == "lm_head.weight":
+                    continue  # tied to tok_emb
+                raise ConfigError("model.init_from", str(folder), f"the weights lack {_hf_name(name, cfg)}")
+            value = mapped[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError("model.init_from", str(folder), f"{_hf_name(name, cfg)} has shape "
+                                  f"{tuple(value.shape)}; its config.json gives {tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+
+
+def _hf_name(name: str, cfg: ModelConfig) -> str:
+    table = _GPT2_NAMES if cfg.flavour == "gpt2" else _LLAMA_NAMES
+    for mine, theirs in table:
+        if name.endswith(mine):
+            return name[: -len(mine)].replace("blocks.", "layers." if cfg.flavour == "llama" else "h.") + theirs
+    return name
+
+
+_GPT2_NAMES = [("attn.wq.weight", "attn.c_attn.weight"), ("attn.wk.weight", "attn.c_attn.weight"),
+               ("attn.wv.weight", "attn.c_attn.weight"), ("attn.wo.weight", "attn.c_proj.weight")]
+_LLAMA_NAMES = [("attn.wq.weight", "self_attn.q_proj.weight"), ("attn.wk.weight", "self_attn.k_proj.weight")]
+
+
+def _rope_rows(w: torch.Tensor, heads: int, to_plait: bool) -> torch.Tensor:
+    """Permute the rows of q_proj / k_proj per head between HF's half split and plait's pairs."""
+    out, d_in = w.shape
+    hd = out // heads
+    if to_plait:  # row j of half h in HF -> row 2j + h in plait
+        return w.view(heads, 2, hd // 2, d_in).transpose(1, 2).reshape(out, d_in)
+    return w.view(heads, hd // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+def _from_gpt2(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    t = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    h = cfg.hidden
+    out = {"tok_emb.weight": t.get("wte.weight"), "pos_emb.weight": t.get("wpe.weight"),
+           "norm.weight": t.get("ln_f.weight"), "norm.bias": t.get("ln_f.bias")}
+    for i in range(cfg.layers):
+        p, q = f"h.{i}.", f"blocks.{i}."
+        if p + "attn.c_attn.weight" not in t:
+            continue
+        w, b = t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"]
+        for j, name in enumerate(("wq", "wk", "wv")):
+            out[q + f"attn.{name}.weight"] = w[:, j * h:(j + 1) * h].t()
+            out[q + f"attn.{name}.bias"] = b[j * h:(j + 1) * h]
+        for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            out[q + mine + ".weight"] = t[p + theirs + ".weight"].t()
+            out[q + mine + ".bias"] = t[p + theirs + ".bias"]
+        for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[q + mine + ".weight"] = t[p + theirs + ".weight"]
+            out[q + mine + ".bias"] = t[p + theirs + ".bias"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+_LLAMA_LAYER = (("attn.wv", "self_attn.v_proj"), ("attn.wo", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
+                ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj"), ("attn_norm", "input_layernorm"),
+                ("mlp_norm", "post_attention_layernorm"))
+
+
+def _from_llama(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    t = {k.removeprefix("model."): v for k, v in hf.items()}
+    out = {"tok_emb.weight": t.get("embed_tokens.weight"), "norm.weight": t.get("norm.weight"),
+           "lm_head.weight": hf.get("lm_head.weight", t.get("embed_tokens.weight"))}
+    for i in range(cfg.layers):
+        p, q = f"layers.{i}.", f"blocks.{i}."
+        if p + "self_attn.q_proj.weight" not in t:
+            continue
+        out[q + "attn.wq.weight"] = _rope_rows(t[p + "self_attn.q_proj.weight"], cfg.heads, True)
+        out[q + "attn.wk.weight"] = _rope_rows(t[p + "self_attn.k_proj.weight"], cfg.kv_heads, True)
+        for mine, theirs in _LLAMA_LAYER:
+            out[q + mine + ".weight"] = t.get(p + theirs + ".weight")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def save_hf(model: nn.Module, folder: str | Path, cfg: ModelConfig | None = None) -> Path:
+    """Write ``model`` (a plain plait gpt2 or llama) as a Hugging Face folder: config.json and
+    model.safetensors (float32), which ``transformers`` loads."""
+    from safetensors.torch import save_file
+
+    cfg = cfg or getattr(model, "cfg", None)
+    if cfg is None or cfg.builder or cfg.flavour not in ("gpt2", "llama"):
+        raise ConfigError("--hf", getattr(cfg, "builder", None) or "model", "Hugging Face export covers plait's "
+                          "gpt2 and llama models")
+    root = Path(folder).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    tensors, config = (_to_gpt2 if cfg.flavour == "gpt2" else _to_llama)(state, cfg)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / WEIGHTS), metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    return root
+
+
+def _to_gpt2(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    out = {"transformer.wte.weight": s["tok_emb.weight"], "transformer.wpe.weight": s["pos_emb.weight"],
+           "transformer.ln_f.weight": s["norm.weight"], "transformer.ln_f.bias": s["norm.bias"]}
+    for i in range(cfg.layers):
+        p, q = f"transformer.h.{i}.", f"blocks.{i}."
+        out[p + "attn.c_attn.weight"] = torch.cat([s[q + f"attn.{n}.weight"].t() for n in ("wq", "wk", "wv")], 1)
+        out[p + "attn.c_attn.bias"] = torch.cat([s[q + f"attn.{n}.bias"] for n in ("wq", "wk", "wv")])
+        for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            out[p + theirs + ".weight"] = s[q + mine + ".weight"].t()
+            out[p + theirs + ".bias"] = s[q + mine + ".bias"]
+        for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = s[q + mine + ".weight"], s[q + mine + ".bias"]
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.layers,
+              "n_embd": cfg.hidden, "n_head": cfg.heads, "n_inner": cfg.ffn_hidden, "vocab_size": cfg.vocab,
+              "n_positions": cfg.seq_len, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+              "tie_word_embeddings": True}
+    return out, config
+
+
+def _to_llama(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    out = {"model.embed_tokens.weight": s["tok_emb.weight"], "model.norm.weight": s["norm.weight"],
+           "lm_head.weight": s["lm_head.weight"]}
+    for i in range(cfg.layers):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[p + "self_attn.q_proj.weight"] = _rope_rows(s[q + "attn.wq.weight"], cfg.heads, False)
+        out[p + "self_attn.k_proj.weight"] = _rope_rows(s[q + "attn.wk.weight"], cfg.kv_heads, False)
+        for mine, theirs in _LLAMA_LAYER:
+            out[p + theirs + ".weight"] = s[q + mine + ".weight"]
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": cfg.layers,
+              "hidden_size": cfg.hidden, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+              "intermediate_size": cfg.ffn_hidden, "vocab_size": cfg.vocab, "max_position_embeddings": cfg.seq_len,
+              "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+              "attention_dropout": cfg.dropout}
+    return out, config
+

@@ -1,0 +1,95 @@
+"""Hugging Face folders in and out (one process): GPT-2 and Llama built by transformers from a
+config give the same logits through plait.load_hf; plait.save_hf writes what transformers loads."""
+
+import json
+
+import pytest
+import torch
+
+import plait
+from plait.errors import ConfigError
+
+T = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "gpt2": lambda: (T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64),
+                     T.GPT2LMHeadModel),
+    "llama": lambda: (T.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=300, max_position_embeddings=64,
+                                    rope_theta=500000.0), T.LlamaForCausalLM),
+    "llama-tied": lambda: (T.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=2, vocab_size=260, max_position_embeddings=32,
+                                         tie_word_embeddings=True), T.LlamaForCausalLM),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Each reference model, saved as transformers saves it, with its logits on fixed ids."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, make in CONFIGS.items():
+        torch.manual_seed(0)
+        cfg, cls = make()
+        ref = cls(cfg).eval()
+        ref.save_pretrained(root / name)
+        ids = torch.randint(0, cfg.vocab_size, (2, 16))
+        with torch.no_grad():
+            out[name] = (root / name, cls, ids, ref(ids).logits)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_imported_models_give_transformers_logits(folders, name):
+    folder, _, ids, want = folders[name]
+    model = plait.load_hf(folder).eval()
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_loads_in_transformers_and_reimports_identically(folders, name, tmp_path):
+    folder, cls, ids, want = folders[name]
+    model = plait.load_hf(folder).eval()
+    plait.save_hf(model, tmp_path / "out")
+    back = cls.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - want).abs().max().item() <= 1e-5
+    again = plait.load_hf(tmp_path / "out")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_rope_theta_and_norm_eps_come_from_the_config(folders):
+    from plait.models.hf import model_config
+
+    cfg = model_config(folders["llama"][0])
+    assert cfg.rope_theta == 500000.0 and cfg.norm_eps == 1e-6 and cfg.kv_heads == 2 and cfg.ffn_hidden == 128
+
+
+def test_bad_folders_are_one_line(folders, tmp_path):
+    cases = {}
+    cases["empty"] = tmp_path / "empty"
+    cases["empty"].mkdir()
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    cases["t5"] = bert
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    src = folders["gpt2"][0]
+    hf = json.loads((src / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**hf, "n_embd": 32, "n_head": 4}))
+    (wrong / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    cases["shapes"] = wrong
+    nofile = tmp_path / "noweights"
+    nofile.mkdir()
+    (nofile / "config.json").write_text((src / "config.json").read_text())
+    cases["weights"] = nofile
+    expect = {"empty": "config.json", "t5": "'t5' is not supported", "shapes": "has shape",
+              "weights": "model.safetensors"}
+    for key, folder in cases.items():
+        with pytest.raises(ConfigError) as e:
+            plait.load_hf(folder)
+        assert expect[key] in str(e.value) and "model.init_from" in str(e.value) and "\n" not in str(e.value)
