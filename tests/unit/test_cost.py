@@ -110,3 +110,14 @@ def test_the_interleaved_first_stage_holds_narayanans_factor_more():
     p, v, layers = 4, 2, 16
     held = cost.inflight("interleaved", p, 16, v)[0] * layers / (p * v)
     assert held == layers * (1 + (p - 1) / (p * v))
+
+
+@pytest.mark.parametrize("p,m,v", [(4, 8, 1), (4, 16, 1), (8, 32, 1), (4, 8, 2), (8, 16, 4)])
+def test_bubble_fractions_are_the_papers(p, m, v):
+    """GPipe and 1F1B idle (p-1)/(m+p-1) of the step; interleaved (p-1)/(v m + p - 1) (Narayanan et
+    al. 2021), with t_F = 1 and t_B = 2 and free transfers."""
+    ideal = m * 3.0
+    for schedule in (("interleaved",) if v > 1 else ("gpipe", "1f1b")):
+        span = cost.pipeline_time(schedule, p, m, v, 1.0, 2.0, 1.0)
+        want = (p - 1) / (m + p - 1) if v == 1 else (p - 1) / (v * m + p - 1)
+        assert 1 - ideal / span == pytest.approx(want, rel=1e-12), schedule
