@@ -23,7 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-FLAVOURS = ("gpt2", "llama")
+FLAVOURS = ("gpt2", "llama", "bert")
+TRAINABLE = ("gpt2", "llama")  # next-token training; bert's masked-language modelling is still to come
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 QUANTIZE = ("none", "bf16", "fp8")
 PS_MODES = ("sync", "async", "ssp")
@@ -45,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm
     rope_theta: float = 10000.0  # llama: base of the rotary frequencies
     init_from: str = ""  # a Hugging Face folder (config.json + safetensors): its shape and weights
+    type_vocab: int = 2  # bert: token types (segments)
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
     return cfg
 
 
-HF_TYPES = ("gpt2", "llama")  # model_type values of config.json that plait maps
+HF_TYPES = ("gpt2", "llama", "bert")  # model_type values of config.json that plait maps
 
 
 def hf_model_keys(folder: str) -> dict:
@@ -311,7 +313,7 @@ def hf_model_keys(folder: str) -> dict:
         raise ConfigError("model.init_from", folder, f"model_type {kind!r} is not supported; supported: "
                           f"{', '.join(HF_TYPES)}")
     try:
-        return _gpt2_keys(hf) if kind == "gpt2" else _llama_keys(hf)
+        return {"gpt2": _gpt2_keys, "llama": _llama_keys, "bert": _bert_keys}[kind](hf)
     except (KeyError, TypeError) as e:
         raise ConfigError("model.init_from", folder, f"config.json lacks {e} for model_type {kind}") from None
 
@@ -340,6 +342,23 @@ def _llama_keys(hf: dict) -> dict:
             "rope_theta": float(theta)}
 
 
+def _bert_keys(hf: dict) -> dict:
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise KeyError("exact GELU (hidden_act gelu) and absolute position embeddings")
+    heads = hf["num_attention_heads"]
+    return {"flavour": "bert", "layers": hf["num_hidden_layers"], "hidden": hf["hidden_size"], "heads": heads,
+            "kv_heads": heads, "ffn_hidden": hf["intermediate_size"], "vocab": hf["vocab_size"],
+            "seq_len": hf["max_position_embeddings"], "dropout": float(hf.get("hidden_dropout_prob", 0.0)),
+            "norm_eps": float(hf.get("layer_norm_eps", 1e-12)), "type_vocab": int(hf.get("type_vocab_size", 2))}
+
+
+def resolve_model(m: ModelConfig) -> ModelConfig:
+    """The model section alone: defaults filled in (kv_heads, ffn_hidden), then its rules checked."""
+    m = replace(m, kv_heads=m.kv_heads or m.heads, ffn_hidden=m.ffn_hidden or default_ffn_hidden(m.flavour, m.hidden))
+    _validate_model(m)
+    return m
+
+
 def servers(cfg: RunConfig) -> int:
     """Server ranks beside the workers (a parameter server's), else 0."""
     return cfg.ps.servers if cfg.ps is not None else 0
@@ -359,6 +378,9 @@ def _positive(name: str, value: int | float) -> None:
 def validate(cfg: RunConfig, nproc: int) -> None:
     """Check every rule once; raise ConfigError naming the first broken one."""
     _validate_model(cfg.model)
+    if not cfg.model.builder and cfg.model.flavour not in TRAINABLE:
+        raise ConfigError("model.flavour", cfg.model.flavour, f"trains by masked-language modelling, which plait "
+                          f"does not run yet; train {', '.join(TRAINABLE)}, or load a BERT folder with plait.load_hf")
     if cfg.ps is not None:
         _validate_ps(cfg, nproc)
     _validate_parallel(cfg.parallel, nproc - servers(cfg), servers(cfg))
@@ -403,6 +425,7 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError("model.dropout", m.dropout, "must be in [0, 1)")
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
+    _positive("model.type_vocab", m.type_vocab)
 
 
 def builder_parts(spec: str) -> tuple[Path, str]:

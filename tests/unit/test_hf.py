@@ -20,7 +20,16 @@ CONFIGS = {
     "llama-tied": lambda: (T.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                          num_attention_heads=2, vocab_size=260, max_position_embeddings=32,
                                          tie_word_embeddings=True), T.LlamaForCausalLM),
+    "bert": lambda: (T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  vocab_size=300, max_position_embeddings=64), T.BertModel),
+    "bert-mlm": lambda: (T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, vocab_size=300, max_position_embeddings=64),
+                         T.BertForMaskedLM),
 }
+
+
+def _out(r):
+    return r.logits if hasattr(r, "logits") else r.last_hidden_state
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +44,7 @@ def folders(tmp_path_factory):
         ref.save_pretrained(root / name)
         ids = torch.randint(0, cfg.vocab_size, (2, 16))
         with torch.no_grad():
-            out[name] = (root / name, cls, ids, ref(ids).logits)
+            out[name] = (root / name, cls, ids, _out(ref(ids)))
     return out
 
 
@@ -55,7 +64,7 @@ def test_export_loads_in_transformers_and_reimports_identically(folders, name, t
     plait.save_hf(model, tmp_path / "out")
     back = cls.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
-        assert (back(ids).logits - want).abs().max().item() <= 1e-5
+        assert (_out(back(ids)) - want).abs().max().item() <= 1e-5
     again = plait.load_hf(tmp_path / "out")
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
@@ -66,6 +75,29 @@ def test_rope_theta_and_norm_eps_come_from_the_config(folders):
 
     cfg = model_config(folders["llama"][0])
     assert cfg.rope_theta == 500000.0 and cfg.norm_eps == 1e-6 and cfg.kv_heads == 2 and cfg.ffn_hidden == 128
+
+
+def test_bert_takes_a_padding_mask_and_token_types_as_transformers_does(folders):
+    folder, cls, ids, _ = folders["bert"]
+    ref = cls.from_pretrained(folder).eval()
+    padding = torch.ones_like(ids)
+    padding[0, 10:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 8:] = 1
+    model = plait.load_hf(folder).eval()
+    with torch.no_grad():
+        want = ref(ids, attention_mask=padding, token_type_ids=types).last_hidden_state
+        got = model(ids, padding, types)
+    keep = padding.bool()
+    assert (got[keep] - want[keep]).abs().max().item() <= 1e-5
+
+
+def test_bert_is_not_trained_by_next_token_prediction():
+    from plait import config as C
+
+    with pytest.raises(ConfigError) as e:
+        C.resolve(C.load(None, ["model.flavour=bert"]), 1)
+    assert "model.flavour" in str(e.value) and "masked-language" in str(e.value)
 
 
 def test_bad_folders_are_one_line(folders, tmp_path):

@@ -24,6 +24,11 @@ def build(cfg: ModelConfig) -> tuple[nn.Module, ModelDescription]:
     """The model of ``cfg`` (resolved config) and its description."""
     if cfg.builder:
         return _from_builder(cfg)
+    if cfg.flavour == "bert":
+        from .bert import Bert
+
+        model = Bert(cfg)
+        return model, model.describe()
     model = GPT(cfg)
     return model, model.describe()
 

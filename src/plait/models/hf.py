@@ -1,8 +1,9 @@
 """Hugging Face folders in and out: ``config.json`` and safetensors weights <-> plait's models.
 
-``load_hf(folder)`` builds the plait model of a GPT-2 or Llama folder (its shape from config.json,
-``config.hf_model_keys``) and loads its weights; ``save_hf(model, folder)`` writes a folder that
-``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``). Nothing is downloaded.
+``load_hf(folder)`` builds the plait model of a GPT-2, Llama or BERT folder (its shape from
+config.json, ``config.hf_model_keys``) and loads its weights; ``save_hf(model, folder)`` writes a
+folder that ``transformers`` loads (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``BertModel`` or
+``BertForMaskedLM``). Nothing is downloaded.
 
 Names and layouts mapped:
 
@@ -13,6 +14,9 @@ Names and layouts mapped:
   with its neighbour (2i, 2i+1): the rows of ``q_proj`` and ``k_proj`` are permuted per head on
   the way in (and back on the way out), which leaves every attention score as it was. A tied
   output layer (``tie_word_embeddings``) is loaded as a copy of the embedding.
+- BERT: names only (``encoder.layer.i.attention.self.query`` -> ``blocks.i.attn.wq``); the
+  masked-language-modelling head's output layer is tied to the word embedding, with its own bias;
+  the pooler is not part of plait's encoder and is left out.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ModelConfig, hf_model_keys, resolve
+from ..config import ModelConfig, hf_model_keys, resolve_model
 from ..errors import ConfigError
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -31,21 +35,29 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 def model_config(folder: str | Path) -> ModelConfig:
     """The plait model config of a Hugging Face folder (validated)."""
-    from ..config import RunConfig
-
-    keys = hf_model_keys(str(folder))
-    cfg = RunConfig(model=ModelConfig(**keys))
-    return resolve(cfg, 1).model
+    return resolve_model(ModelConfig(**hf_model_keys(str(folder))))
 
 
 def load_hf(folder: str | Path) -> nn.Module:
-    """The plain plait model of a local GPT-2 or Llama folder, with its weights (float32)."""
+    """The plain plait model of a local GPT-2, Llama or BERT folder, with its weights (float32): a
+    decoder gives logits; a BERT gives the last hidden states, or vocabulary logits when the folder
+    holds a masked-language-modelling head (``BertForMaskedLM``)."""
     from . import build
 
     cfg = model_config(folder)
-    model = build(cfg)[0]
+    if cfg.flavour == "bert":
+        from .bert import Bert
+
+        model = Bert(cfg, head="mlm" if _has_mlm(folder) else "none")
+    else:
+        model = build(cfg)[0]
     load_weights(model, cfg, folder)
     return model
+
+
+def _has_mlm(folder: str | Path) -> bool:
+    config = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    return "BertForMaskedLM" in (config.get("architectures") or [])
 
 
 def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -66,11 +78,11 @@ def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path) -> None
     """Copy the folder's weights into ``model`` (plait's names and layouts), checking every shape."""
     hf = read_tensors(folder)
     mine = dict(model.named_parameters())
-    mapped = (_from_gpt2 if cfg.flavour == "gpt2" else _from_llama)(hf, cfg)
+    mapped = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert}[cfg.flavour](hf, cfg)
     with torch.no_grad():
         for name, param in mine.items():
             if name not in mapped:
-                if cfg.flavour == "gpt2" and name == "lm_head.weight":
+                if cfg.flavour in ("gpt2", "bert") and name == "lm_head.weight":
                     continue  # tied to tok_emb
                 raise ConfigError("model.init_from", str(folder), f"the weights lack {_hf_name(name, cfg)}")
             value = mapped[name]
@@ -144,19 +156,64 @@ def _from_llama(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+_BERT_LAYER = (("attn.wq", "attention.self.query"), ("attn.wk", "attention.self.key"),
+               ("attn.wv", "attention.self.value"), ("attn.wo", "attention.output.dense"),
+               ("attn_norm", "attention.output.LayerNorm"), ("mlp.up", "intermediate.dense"),
+               ("mlp.down", "output.dense"), ("mlp_norm", "output.LayerNorm"))
+_BERT_EMBED = (("tok_emb", "embeddings.word_embeddings"), ("pos_emb", "embeddings.position_embeddings"),
+               ("type_emb", "embeddings.token_type_embeddings"), ("emb_norm", "embeddings.LayerNorm"))
+_BERT_HEAD = (("mlm_dense", "cls.predictions.transform.dense"), ("mlm_norm", "cls.predictions.transform.LayerNorm"))
+
+
+def _bert_pairs(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(plait name, HF name without the ``bert.`` prefix) of every weight and bias."""
+    pairs = [(f"{m}.{p}", f"{h}.{p}") for m, h in _BERT_EMBED for p in ("weight", "bias") if m == "emb_norm"]
+    pairs += [(f"{m}.weight", f"{h}.weight") for m, h in _BERT_EMBED if m != "emb_norm"]
+    for i in range(cfg.layers):
+        pairs += [(f"blocks.{i}.{m}.{p}", f"encoder.layer.{i}.{h}.{p}")
+                  for m, h in _BERT_LAYER for p in ("weight", "bias")]
+    return pairs
+
+
+def _from_bert(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    t = {k.removeprefix("bert."): v for k, v in hf.items()}
+    out = {mine: t.get(theirs) for mine, theirs in _bert_pairs(cfg)}
+    for mine, theirs in _BERT_HEAD:
+        out[f"{mine}.weight"], out[f"{mine}.bias"] = hf.get(f"{theirs}.weight"), hf.get(f"{theirs}.bias")
+    out["lm_head.bias"] = hf.get("cls.predictions.bias", hf.get("cls.predictions.decoder.bias"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _to_bert(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    mlm = "lm_head.bias" in s
+    prefix = "bert." if mlm else ""
+    out = {prefix + theirs: s[mine] for mine, theirs in _bert_pairs(cfg)}
+    if mlm:
+        for mine, theirs in _BERT_HEAD:
+            out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{mine}.weight"], s[f"{mine}.bias"]
+        out["cls.predictions.bias"] = s["lm_head.bias"]
+    config = {"model_type": "bert", "architectures": ["BertForMaskedLM" if mlm else "BertModel"],
+              "num_hidden_layers": cfg.layers, "hidden_size": cfg.hidden, "num_attention_heads": cfg.heads,
+              "intermediate_size": cfg.ffn_hidden, "vocab_size": cfg.vocab, "max_position_embeddings": cfg.seq_len,
+              "type_vocab_size": cfg.type_vocab, "layer_norm_eps": cfg.norm_eps, "hidden_act": "gelu",
+              "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+              "position_embedding_type": "absolute", "tie_word_embeddings": True}
+    return out, config
+
+
 def save_hf(model: nn.Module, folder: str | Path, cfg: ModelConfig | None = None) -> Path:
     """Write ``model`` (a plain plait gpt2 or llama) as a Hugging Face folder: config.json and
     model.safetensors (float32), which ``transformers`` loads."""
     from safetensors.torch import save_file
 
     cfg = cfg or getattr(model, "cfg", None)
-    if cfg is None or cfg.builder or cfg.flavour not in ("gpt2", "llama"):
+    if cfg is None or cfg.builder or cfg.flavour not in ("gpt2", "llama", "bert"):
         raise ConfigError("--hf", getattr(cfg, "builder", None) or "model", "Hugging Face export covers plait's "
-                          "gpt2 and llama models")
+                          "gpt2, llama and bert models")
     root = Path(folder).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    tensors, config = (_to_gpt2 if cfg.flavour == "gpt2" else _to_llama)(state, cfg)
+    tensors, config = {"gpt2": _to_gpt2, "llama": _to_llama, "bert": _to_bert}[cfg.flavour](state, cfg)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / WEIGHTS), metadata={"format": "pt"})
     (root / "config.json").write_text(json.dumps(config, indent=2))
     return root
