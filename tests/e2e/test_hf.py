@@ -53,6 +53,12 @@ def test_train_from_a_llama_folder_and_export_it_back(llama_folder, corpus_file,
     r = subprocess.run([*PLAIT, "export", "--ckpt", str(out), "--out", str(tmp_path / "hf"), "--hf"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
+    if layout == ["--dp", "2"]:  # --hf onto a file: one line, the file untouched
+        (tmp_path / "f").write_text("keep")
+        r = subprocess.run([*PLAIT, "export", "--ckpt", str(out), "--out", str(tmp_path / "f"), "--hf"],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 2 and "--out" in r.stderr and r.stderr.count("\n") == 1
+        assert (tmp_path / "f").read_text() == "keep"
     from plait.checkpoint.export import load_for_inference
 
     _, mine, _ = load_for_inference(out)

@@ -100,6 +100,17 @@ def test_bert_is_not_trained_by_next_token_prediction():
     assert "model.flavour" in str(e.value) and "masked-language" in str(e.value)
 
 
+def test_only_plaits_own_flavours_are_exported(tmp_path):
+    from plait import config as C
+    from plait.models.hf import save_hf
+
+    cfg = C.ModelConfig(builder="examples/own_model.py:build")
+    with pytest.raises(ConfigError) as e:
+        save_hf(torch.nn.Linear(2, 2), tmp_path / "x", cfg)
+    assert "--hf" in str(e.value) and "gpt2, llama and bert" in str(e.value)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_folders_are_one_line(folders, tmp_path):
     cases = {}
     cases["empty"] = tmp_path / "empty"
@@ -115,12 +126,20 @@ def test_bad_folders_are_one_line(folders, tmp_path):
     (wrong / "config.json").write_text(json.dumps({**hf, "n_embd": 32, "n_head": 4}))
     (wrong / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     cases["shapes"] = wrong
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "h.1.mlp.c_fc" not in k}, str(partial / "model.safetensors"))
+    cases["partial"] = partial
     nofile = tmp_path / "noweights"
     nofile.mkdir()
     (nofile / "config.json").write_text((src / "config.json").read_text())
     cases["weights"] = nofile
     expect = {"empty": "config.json", "t5": "'t5' is not supported", "shapes": "has shape",
-              "weights": "model.safetensors"}
+              "weights": "model.safetensors", "partial": "hold nothing for blocks.1.mlp.up"}
     for key, folder in cases.items():
         with pytest.raises(ConfigError) as e:
             plait.load_hf(folder)

@@ -36,6 +36,14 @@ def test_a_profile_survives_json_and_rates_interpolate():
     assert A100.rate("bf16", 1.0) == lo[1] and A100.rate("bf16", 1e20) == A100.matmul["bf16"][-1][1]
 
 
+def test_a_profile_without_collectives_says_so():
+    one = hardware.Hardware(**{**A100.__dict__, "intra": {}, "inter": {}, "name": "one-gpu"})
+    with pytest.raises(ConfigError) as e:
+        one.collective("all_reduce", 1e6, 2)
+    assert "--cluster" in str(e.value) and "no all_reduce measurements" in str(e.value)
+    assert one.collective("all_reduce", 1e6, 1) == 0.0  # one device needs none
+
+
 def test_bad_profile_and_unknown_cluster_are_one_line(tmp_path):
     bad = tmp_path / "p.json"
     bad.write_text(json.dumps({"name": "x"}))

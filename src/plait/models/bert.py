@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .description import ModelDescription, TensorParallelPlan
+from .gpt import init_weights
 
 HEADS = ("none", "mlm")
 
@@ -88,14 +89,7 @@ class Bert(nn.Module):
             self.mlm_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.hidden, cfg.vocab)
             self.lm_head.weight = self.tok_emb.weight  # tied, with a bias of its own
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.apply(init_weights)
 
     def embed(self, tokens: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         pos = torch.arange(tokens.shape[1], device=tokens.device)

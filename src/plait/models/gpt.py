@@ -51,6 +51,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.flatten(-2)
 
 
+def init_weights(m: nn.Module) -> None:
+    """GPT-2's and BERT's initialisation: linear and embedding weights N(0, 0.02), biases 0."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 class KVCache:
     """Keys and values of every attention layer while generating, so that a step feeds only the new
     tokens (Pope et al. 2022). Per layer two buffers (batch, kv heads, capacity, head_dim), allocated
@@ -210,17 +218,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         if cfg.flavour == "gpt2":
             self.lm_head.weight = self.tok_emb.weight  # tied embeddings
-        self.apply(self._init)
+        self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("attn.wo.weight", "mlp.down.weight")):  # GPT-2's residual scaling
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.layers))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Token (and learned position) embeddings (B, S, H); ``positions`` (B, S) default to 0..S-1."""

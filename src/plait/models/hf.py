@@ -84,25 +84,13 @@ def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path) -> None
             if name not in mapped:
                 if cfg.flavour in ("gpt2", "bert") and name == "lm_head.weight":
                     continue  # tied to tok_emb
-                raise ConfigError("model.init_from", str(folder), f"the weights lack {_hf_name(name, cfg)}")
+                raise ConfigError("model.init_from", str(folder),
+                                  f"the weights hold nothing for {name} (a {cfg.flavour} model's)")
             value = mapped[name]
             if tuple(value.shape) != tuple(param.shape):
-                raise ConfigError("model.init_from", str(folder), f"{_hf_name(name, cfg)} has shape "
+                raise ConfigError("model.init_from", str(folder), f"the weight for {name} has shape "
                                   f"{tuple(value.shape)}; its config.json gives {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
-
-
-def _hf_name(name: str, cfg: ModelConfig) -> str:
-    table = _GPT2_NAMES if cfg.flavour == "gpt2" else _LLAMA_NAMES
-    for mine, theirs in table:
-        if name.endswith(mine):
-            return name[: -len(mine)].replace("blocks.", "layers." if cfg.flavour == "llama" else "h.") + theirs
-    return name
-
-
-_GPT2_NAMES = [("attn.wq.weight", "attn.c_attn.weight"), ("attn.wk.weight", "attn.c_attn.weight"),
-               ("attn.wv.weight", "attn.c_attn.weight"), ("attn.wo.weight", "attn.c_proj.weight")]
-_LLAMA_NAMES = [("attn.wq.weight", "self_attn.q_proj.weight"), ("attn.wk.weight", "self_attn.k_proj.weight")]
 
 
 def _rope_rows(w: torch.Tensor, heads: int, to_plait: bool) -> torch.Tensor:
@@ -121,19 +109,19 @@ def _from_gpt2(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
            "norm.weight": t.get("ln_f.weight"), "norm.bias": t.get("ln_f.bias")}
     for i in range(cfg.layers):
         p, q = f"h.{i}.", f"blocks.{i}."
-        if p + "attn.c_attn.weight" not in t:
-            continue
-        w, b = t[p + "attn.c_attn.weight"], t[p + "attn.c_attn.bias"]
+        w, b = t.get(p + "attn.c_attn.weight"), t.get(p + "attn.c_attn.bias")
         for j, name in enumerate(("wq", "wk", "wv")):
-            out[q + f"attn.{name}.weight"] = w[:, j * h:(j + 1) * h].t()
-            out[q + f"attn.{name}.bias"] = b[j * h:(j + 1) * h]
-        for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-            out[q + mine + ".weight"] = t[p + theirs + ".weight"].t()
-            out[q + mine + ".bias"] = t[p + theirs + ".bias"]
-        for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            out[q + mine + ".weight"] = t[p + theirs + ".weight"]
-            out[q + mine + ".bias"] = t[p + theirs + ".bias"]
+            out[q + f"attn.{name}.weight"] = None if w is None else w[:, j * h:(j + 1) * h].t()
+            out[q + f"attn.{name}.bias"] = None if b is None else b[j * h:(j + 1) * h]
+        for mine, theirs, conv in _GPT2_LAYER:
+            for kind in ("weight", "bias"):
+                v = t.get(f"{p}{theirs}.{kind}")
+                out[f"{q}{mine}.{kind}"] = v.t() if conv and kind == "weight" and v is not None else v
     return {k: v for k, v in out.items() if v is not None}
+
+
+_GPT2_LAYER = (("attn.wo", "attn.c_proj", True), ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True),
+               ("attn_norm", "ln_1", False), ("mlp_norm", "ln_2", False))  # (plait, HF, a Conv1D weight)
 
 
 _LLAMA_LAYER = (("attn.wv", "self_attn.v_proj"), ("attn.wo", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"),
@@ -226,11 +214,10 @@ def _to_gpt2(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
         p, q = f"transformer.h.{i}.", f"blocks.{i}."
         out[p + "attn.c_attn.weight"] = torch.cat([s[q + f"attn.{n}.weight"].t() for n in ("wq", "wk", "wv")], 1)
         out[p + "attn.c_attn.bias"] = torch.cat([s[q + f"attn.{n}.bias"] for n in ("wq", "wk", "wv")])
-        for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
-            out[p + theirs + ".weight"] = s[q + mine + ".weight"].t()
+        for mine, theirs, conv in _GPT2_LAYER:
+            weight = s[q + mine + ".weight"]
+            out[p + theirs + ".weight"] = weight.t() if conv else weight
             out[p + theirs + ".bias"] = s[q + mine + ".bias"]
-        for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            out[p + theirs + ".weight"], out[p + theirs + ".bias"] = s[q + mine + ".weight"], s[q + mine + ".bias"]
     config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.layers,
               "n_embd": cfg.hidden, "n_head": cfg.heads, "n_inner": cfg.ffn_hidden, "vocab_size": cfg.vocab,
               "n_positions": cfg.seq_len, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",

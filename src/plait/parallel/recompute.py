@@ -32,8 +32,6 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import DescriptionError
 from ..models.description import ModelDescription
 
-MODES = ("none", "selective", "full")
-
 
 def recomputed_modules(model: nn.Module, desc: ModelDescription, mode: str) -> list[nn.Module]:
     """The modules whose forward ``mode`` recomputes: none, the attention cores, or the blocks."""

@@ -70,9 +70,7 @@ class Hardware:
         if n <= 1 or nbytes <= 0:
             return 0.0
         link = self.link(op, n, across_nodes)
-        factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-                  "send_recv": 1.0}[op]
-        return link.latency_s + factor * nbytes / link.busbw
+        return link.latency_s + ring_factor(op, n) * nbytes / link.busbw
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -90,6 +88,13 @@ class Hardware:
         data["matmul"] = {k: [tuple(x) for x in v] for k, v in data["matmul"].items()}
         data["attention"] = [tuple(x) for x in data.get("attention", [])]
         return Hardware(**data)
+
+
+def ring_factor(op: str, n: int) -> float:
+    """Bytes each of ``n`` ranks moves per byte of ``op`` (the gathered size): the ring algorithms'
+    2(n-1)/n for all-reduce, (n-1)/n for all-gather and reduce-scatter, 1 for a send."""
+    return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+            "send_recv": 1.0}[op]
 
 
 def _interpolate(table: list[tuple[float, float]], flops: float) -> float:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .hardware import COLLECTIVES, Hardware, Link
+from .hardware import COLLECTIVES, Hardware, Link, ring_factor
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,7 @@ def _pingpong(t: torch.Tensor, rank: int) -> None:
 def _link(op: str, n: int, times: list[tuple[int, float]]) -> Link:
     """Latency and bus bandwidth by least squares over the sizes (time = latency + factor x
     bytes / busbw, the ring factor of ``op``); a ping-pong is two sends."""
-    factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-              "send_recv": 1.0}[op]
-    xs = [factor * b for b, _ in times]
+    xs = [ring_factor(op, n) * b for b, _ in times]
     ys = [t / 2 if op == "send_recv" else t for _, t in times]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)

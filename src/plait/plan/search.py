@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+from ..config import RECOMPUTE
 from ..schedules import SCHEDULES
 from .cost import Estimate, Job, Layout, estimate
 
-RECOMPUTE = ("none", "selective", "full")
 MAX_MICRO_BATCH = 64
 
 
