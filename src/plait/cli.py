@@ -18,6 +18,8 @@ from pathlib import Path
 
 from . import config as C
 from .errors import ConfigError, PlaitError
+from .finetune.commands import add_parser as add_finetune_parser
+from .finetune.commands import cmd_finetune
 from .generate import add_generate_parser, cmd_generate
 from .launch import WorkerFailed
 from .plan.commands import add_parsers as add_plan_parsers
@@ -36,13 +38,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"plait: error: {message} (see {self.prog} --help)\n")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", help="TOML file with [model], [parallel], [train], [data], [checkpoint]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key, e.g. --set parallel.dp=2 (repeatable)")
     p.add_argument("--nproc", type=int, help="local processes (default: CPU cores, or visible GPUs)")
     for flag, key in SHORT_FLAGS.items():
-        p.add_argument(f"--{flag}", help=f"same as --set {key}=VALUE")
+        if data or flag != "data":  # finetune's --data is its task's folder
+            p.add_argument(f"--{flag}", help=f"same as --set {key}=VALUE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print a JSON object")
     add_generate_parser(sub)
     add_plan_parsers(sub)
+    add_finetune_parser(sub, _config_args)
     return parser
 
 
@@ -112,7 +116,8 @@ def load_config(args: argparse.Namespace, defaults: dict | None = None) -> C.Run
     """The command's own defaults, then --config, then --set, then the short flags."""
     base = C.from_dict(C.parse_overrides([f"{k}={v}" for k, v in (defaults or {}).items()]))
     sets = list(args.set)
-    sets += [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items() if getattr(args, flag) is not None]
+    sets += [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
+             if getattr(args, flag, None) is not None and not (flag == "data" and args.command == "finetune")]
     return C.load(args.config, sets, base)
 
 
@@ -417,7 +422,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench,
-            "schedule": cmd_schedule, "generate": cmd_generate, "plan": cmd_plan, "probe": cmd_probe}
+            "schedule": cmd_schedule, "generate": cmd_generate, "plan": cmd_plan, "probe": cmd_probe,
+            "finetune": lambda args: cmd_finetune(args, load_config, nproc_for, out_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:

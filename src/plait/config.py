@@ -23,8 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-FLAVOURS = ("gpt2", "llama", "bert")
-TRAINABLE = ("gpt2", "llama")  # next-token training; bert's masked-language modelling is still to come
+FLAVOURS = ("gpt2", "llama", "bert")  # bert is an encoder: train and verify teach it masked-language modelling
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 QUANTIZE = ("none", "bf16", "fp8")
 PS_MODES = ("sync", "async", "ssp")
@@ -84,6 +83,7 @@ class TrainConfig:
 class DataConfig:
     path: str = ""  # empty: the embedded corpus (the standard library's .py files)
     val_fraction: float = 0.05
+    tokenizer: str = ""  # a tokenizer.json read with the `tokenizers` library; empty: bytes, or init_from's own
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,9 @@ def resolve(cfg: RunConfig, nproc: int) -> RunConfig:
     m, p = cfg.model, cfg.parallel
     if m.init_from:
         m = replace(m, **hf_model_keys(m.init_from))
+        own = Path(m.init_from).expanduser() / "tokenizer.json"
+        if not cfg.data.tokenizer and own.is_file():  # the folder's tokenizer, unless one is given
+            cfg = replace(cfg, data=replace(cfg.data, tokenizer=str(own)))
     workers = nproc - servers(cfg)
     if p.dp == 0 and p.tp > 0 and p.pp > 0 and workers > 0 and workers % (p.tp * p.pp) == 0:
         p = replace(p, dp=workers // (p.tp * p.pp))
@@ -352,10 +355,11 @@ def _bert_keys(hf: dict) -> dict:
             "norm_eps": float(hf.get("layer_norm_eps", 1e-12)), "type_vocab": int(hf.get("type_vocab_size", 2))}
 
 
-def resolve_model(m: ModelConfig) -> ModelConfig:
-    """The model section alone: defaults filled in (kv_heads, ffn_hidden), then its rules checked."""
+def resolve_model(m: ModelConfig, byte_tokens: bool = True) -> ModelConfig:
+    """The model section alone: defaults filled in (kv_heads, ffn_hidden), then its rules checked
+    (``byte_tokens``: for byte-level text, which needs a vocabulary of 256)."""
     m = replace(m, kv_heads=m.kv_heads or m.heads, ffn_hidden=m.ffn_hidden or default_ffn_hidden(m.flavour, m.hidden))
-    _validate_model(m)
+    _validate_model(m, byte_tokens)
     return m
 
 
@@ -377,10 +381,7 @@ def _positive(name: str, value: int | float) -> None:
 
 def validate(cfg: RunConfig, nproc: int) -> None:
     """Check every rule once; raise ConfigError naming the first broken one."""
-    _validate_model(cfg.model)
-    if not cfg.model.builder and cfg.model.flavour not in TRAINABLE:
-        raise ConfigError("model.flavour", cfg.model.flavour, f"trains by masked-language modelling, which plait "
-                          f"does not run yet; train {', '.join(TRAINABLE)}, or load a BERT folder with plait.load_hf")
+    _validate_model(cfg.model, byte_tokens=not cfg.data.tokenizer)
     if cfg.ps is not None:
         _validate_ps(cfg, nproc)
     _validate_parallel(cfg.parallel, nproc - servers(cfg), servers(cfg))
@@ -391,6 +392,8 @@ def validate(cfg: RunConfig, nproc: int) -> None:
         _validate_diloco(cfg.diloco, cfg.parallel)
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
+    if cfg.data.tokenizer:
+        _validate_tokenizer(cfg.data.tokenizer, cfg.model.vocab)
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         bad = ("every", cfg.checkpoint.every) if cfg.checkpoint.every < 0 else ("keep", cfg.checkpoint.keep)
         raise ConfigError(f"checkpoint.{bad[0]}", bad[1], "every >= 0 and keep >= 1")
@@ -406,14 +409,25 @@ def step_tokens(cfg: RunConfig) -> int:
     return microbatches(cfg) * cfg.train.micro_batch * cfg.model.seq_len
 
 
-def _validate_model(m: ModelConfig) -> None:
+def _validate_tokenizer(path: str, vocab: int) -> None:
+    """The model's vocabulary must hold every id of ``data.tokenizer`` (read lazily: bytes need no
+    ``tokenizers``)."""
+    from .train.tokenizer import load_tokenizer, vocab_size
+
+    size = vocab_size(load_tokenizer(path))
+    if vocab < size:
+        raise ConfigError("model.vocab", vocab, f"must be at least the {size} tokens of data.tokenizer={path}")
+
+
+def _validate_model(m: ModelConfig, byte_tokens: bool = True) -> None:
+    """``byte_tokens``: the text is bytes (no ``data.tokenizer``), so the vocabulary needs 256."""
     if m.builder:
         return _validate_builder(m)
     if m.flavour not in FLAVOURS:
         raise ConfigError("model.flavour", m.flavour, f"valid flavours: {', '.join(FLAVOURS)}")
     for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq_len"):
         _positive(f"model.{key}", getattr(m, key))
-    if m.vocab < 256:
+    if byte_tokens and m.vocab < 256:
         raise ConfigError("model.vocab", m.vocab, "byte-level tokens need vocab >= 256")
     if m.hidden % m.heads:
         raise ConfigError("model.heads", m.heads, f"must divide model.hidden={m.hidden}")

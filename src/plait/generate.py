@@ -185,38 +185,78 @@ def check_layout(model: nn.Module, layout: Layout) -> None:
 # ------------------------------------------------------------------------- text
 
 
-def encode(text: str, vocab: int, field: str = "--prompt") -> list[int]:
-    """The byte-level tokens of ``text`` (UTF-8); every byte must be in the model's vocabulary."""
-    tokens = list(text.encode("utf-8"))
+def encode(text: str, vocab: int, field: str = "--prompt", tokenizer=None) -> list[int]:
+    """The byte-level tokens of ``text`` (UTF-8), or its ids by ``tokenizer`` (a run's
+    ``data.tokenizer``, no special tokens); every token must be in the model's vocabulary."""
+    if tokenizer is not None:
+        from .train.tokenizer import encode as tok_encode
+
+        tokens = tok_encode(tokenizer, text) if text else []
+    else:
+        tokens = list(text.encode("utf-8"))
     if not tokens:
-        raise ConfigError(field, text, "must not be empty")
+        raise ConfigError(field, text, "must not be empty" if not text else "the tokenizer makes no tokens of it")
     if max(tokens) >= vocab:
-        raise ConfigError(field, text, f"holds bytes outside the model's vocabulary of {vocab}")
+        raise ConfigError(field, text, f"holds {'ids' if tokenizer is not None else 'bytes'} outside the model's "
+                          f"vocabulary of {vocab}")
     return tokens
 
 
-def decode(tokens: Sequence[int]) -> str:
-    """Bytes (tokens below 256) as UTF-8 text, invalid sequences replaced."""
+def decode(tokens: Sequence[int], tokenizer=None) -> str:
+    """Bytes (tokens below 256) as UTF-8 text, invalid sequences replaced; or the text of the
+    ids by ``tokenizer``."""
+    if tokenizer is not None:
+        from .train.tokenizer import decode as tok_decode
+
+        return tok_decode(tokenizer, tokens)
     return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
 
 
-class TextStream:
-    """Writes the text of each step's token (row 0) to ``out`` as it comes, whole UTF-8 characters only."""
+def continuation(row: Sequence[int], prompt_len: int, tokenizer=None) -> str:
+    """The text ``row`` adds after its first ``prompt_len`` tokens. With a tokenizer, the whole row
+    is decoded and the prompt's text cut off (a decoder may join a token to the one before it)."""
+    if tokenizer is None:
+        return decode(row[prompt_len:])
+    full, base = decode(row, tokenizer), decode(row[:prompt_len], tokenizer)
+    return full[len(base):] if full.startswith(base) else decode(row[prompt_len:], tokenizer)
 
-    def __init__(self, out=None):
+
+class TextStream:
+    """Writes the text of each step's token (row 0) to ``out`` as it comes, whole UTF-8 characters only.
+
+    With ``tokenizer`` (and row 0's ``prompt`` ids) the whole row so far is decoded each step and
+    the text it adds is written; a trailing incomplete character waits for the next token."""
+
+    def __init__(self, out=None, tokenizer=None, prompt: Sequence[int] = ()):
         self.out = out
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokenizer, self.row = tokenizer, list(prompt)
+        self.shown = decode(self.row, tokenizer) if tokenizer is not None else ""
 
     def __call__(self, tokens: list[int]) -> None:
         out = self.out or sys.stdout
-        text = self.decoder.decode(bytes(t for t in tokens[:1] if t < 256))
+        if self.tokenizer is not None:
+            self.row.extend(int(t) for t in tokens[:1])
+            text = self._new_text(final=False)
+        else:
+            text = self.decoder.decode(bytes(t for t in tokens[:1] if t < 256))
         if text:
             out.write(text)
             out.flush()
 
+    def _new_text(self, final: bool) -> str:
+        full = decode(self.row, self.tokenizer)
+        if not full.startswith(self.shown):  # the text so far was decoded differently: wait
+            return ""
+        new = full[len(self.shown):]
+        if not final:
+            new = new.rstrip("\ufffd")  # part of a character (byte fallback): the rest may follow
+        self.shown += new
+        return new
+
     def close(self) -> None:
         out = self.out or sys.stdout
-        out.write(self.decoder.decode(b"", final=True))
+        out.write(self._new_text(final=True) if self.tokenizer is not None else self.decoder.decode(b"", final=True))
         out.flush()
 
 
@@ -248,7 +288,21 @@ def load_model(path: str) -> tuple:
             raise
         raise ConfigError("--ckpt", path, "this plait cannot load checkpoints for inference yet "
                           "(plait.checkpoint.export is missing)") from None
-    return load_for_inference(path)
+    cfg, model, desc = load_for_inference(path)
+    if desc.objective != "next_token":
+        raise ConfigError("--ckpt", path, f"holds an encoder ({cfg.model.builder or cfg.model.flavour}, trained by "
+                          f"{desc.objective} language modelling), which does not generate text")
+    return cfg, model, desc
+
+
+def run_tokenizer(cfg):
+    """The run's ``data.tokenizer`` (a ``tokenizers.Tokenizer``), None for byte-level text."""
+    tokenizer = getattr(getattr(cfg, "data", None), "tokenizer", "")
+    if not tokenizer:
+        return None
+    from .train.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer)
 
 
 # ------------------------------------------------------------------------- the command
@@ -262,7 +316,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue")
     src.add_argument("--prompts", metavar="FILE", help="one prompt a line, generated as one batch")
-    p.add_argument("--max-tokens", type=int, default=256, help="new tokens (bytes) after each prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens after each prompt (bytes, or the run's "
+                   "data.tokenizer's)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (argmax)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this "
@@ -286,11 +341,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     opts = SampleOptions(args.max_tokens, args.temperature, args.top_k, args.top_p)
     opts.check()
     texts = read_prompts(args)
-    _, model, desc = load_model(args.ckpt)
+    cfg, model, desc = load_model(args.ckpt)
     check_layout(model, layout)
-    prompts = [encode(t, model.cfg.vocab, "--prompt" if args.prompts is None else "--prompts") for t in texts]
+    tok = run_tokenizer(cfg)
+    field = "--prompt" if args.prompts is None else "--prompts"
+    prompts = [encode(t, model.cfg.vocab, field, tok) for t in texts]
     model = model.to(DTYPES[args.dtype])
-    stream = TextStream() if len(prompts) == 1 else None
+    stream = TextStream(tokenizer=tok, prompt=prompts[0]) if len(prompts) == 1 else None
     if stream is not None:
         sys.stdout.write(texts[0])
         sys.stdout.flush()
@@ -299,7 +356,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
     else:
         for i, (text, row) in enumerate(zip(texts, out.tokens)):
-            print(f"=== {i + 1}/{len(texts)} ===\n{text}{decode(row[len(prompts[i]):])}")
+            print(f"=== {i + 1}/{len(texts)} ===\n{text}{continuation(row, len(prompts[i]), tok)}")
     new = len(prompts) * opts.max_tokens
     print(f"{len(prompts)} x {opts.max_tokens} new tokens in {out.seconds:.2f} s ({new / out.seconds:.1f} tokens/s; "
           f"tp={layout.tp}, pp={layout.pp}, {'no cache' if args.no_cache else 'KV cache'}, {args.dtype})",
@@ -364,5 +421,5 @@ def format_bench(r: dict) -> str:
 
 
 __all__ = ["Generated", "Layout", "ParallelRunner", "TextStream", "add_generate_parser", "bench_worker",
-           "check_layout", "cmd_generate", "decode", "encode", "format_bench", "generate_tokens", "load_model",
-           "read_prompts"]
+           "check_layout", "cmd_generate", "continuation", "decode", "encode", "format_bench", "generate_tokens",
+           "load_model", "read_prompts", "run_tokenizer"]

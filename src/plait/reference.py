@@ -34,7 +34,8 @@ def diloco_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult:
     replicas = []
     for r in range(dp):
         rep = Trainer(one, corpus, device)
-        rep.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, seed_for(t.seed, "data"), r, dp)
+        rep.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, seed_for(t.seed, "data"), r, dp,
+                              rep.masking)
         replicas.append(rep)
     frags = [split_by_bytes([p for p in rep.model.parameters() if p.requires_grad], d.fragments) for rep in replicas]
     outer = [_flat(ps) for ps in frags[0]]

@@ -353,7 +353,6 @@ WRONG = [  # (builder function, layout, the one line expected)
     ("half_tied", "tp=2", "model description tp.styles='emb.weight/out.weight': a tied pair must be styled"),
     ("odd", "tp=2", "model description tp style of layers.0.0='column': out_features=33 must be divisible"),
     ("wrong_kind", "tp=2", "model description tp style of layers.0.attn='column': needs an nn.Linear, not Attention"),
-    ("bias_head", "tp=2", "model description tp style of out='vocab_head': a vocab_head must have no bias"),
     ("two_vocabs", "tp=2", "model description tp.styles=[256, 257]: vocab_embedding and vocab_head must have one"),
     ("no_head", "tp=2,sequence_parallel=true", "model description tp.styles='no vocab_head': sequence parallel needs"),
     ("own_loss", "tp=2", "model description loss='<lambda>': a vocab_head makes the loss vocabulary-parallel"),

@@ -141,10 +141,6 @@ def wrong_kind(cfg):
     return build(cfg, tp=TensorParallelPlan({"layers.*.attn": "column"}))
 
 
-def bias_head(cfg):
-    return build(cfg, out=nn.Linear(cfg.hidden, cfg.vocab))
-
-
 def two_vocabs(cfg):
     return build(cfg, out=nn.Linear(cfg.hidden, cfg.vocab + 1, bias=False))
 

@@ -18,6 +18,7 @@ def _model(*overrides):
 @pytest.mark.parametrize("overrides", [
     ("model.flavour=gpt2",), ("model.flavour=llama",), ("model.flavour=llama", "model.kv_heads=2"),
     ("model.flavour=gpt2", "model.ffn_hidden=100", "model.vocab=300"), ("model.flavour=llama", "model.layers=3"),
+    ("model.flavour=bert",), ("model.flavour=bert", "model.vocab=300", "model.type_vocab=3"),
 ])
 def test_parameter_count_is_the_built_models(overrides):
     m = _model(*overrides)

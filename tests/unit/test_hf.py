@@ -25,6 +25,9 @@ CONFIGS = {
     "bert-mlm": lambda: (T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                       num_attention_heads=4, vocab_size=300, max_position_embeddings=64),
                          T.BertForMaskedLM),
+    "bert-token": lambda: (T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, vocab_size=300, max_position_embeddings=64,
+                                        num_labels=7), T.BertForTokenClassification),
 }
 
 
@@ -92,12 +95,23 @@ def test_bert_takes_a_padding_mask_and_token_types_as_transformers_does(folders)
     assert (got[keep] - want[keep]).abs().max().item() <= 1e-5
 
 
-def test_bert_is_not_trained_by_next_token_prediction():
-    from plait import config as C
+def test_a_tagger_export_names_its_labels(folders, tmp_path):
+    model = plait.load_hf(folders["bert-token"][0])
+    labels = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    plait.save_hf(model, tmp_path / "out", labels=labels)
+    back = T.AutoConfig.from_pretrained(tmp_path / "out")
+    assert back.id2label == dict(enumerate(labels)) and back.architectures == ["BertForTokenClassification"]
 
-    with pytest.raises(ConfigError) as e:
-        C.resolve(C.load(None, ["model.flavour=bert"]), 1)
-    assert "model.flavour" in str(e.value) and "masked-language" in str(e.value)
+
+def test_a_bert_folder_without_a_head_starts_a_masked_lm_with_a_fresh_bias(folders):
+    from plait.models.bert import Bert
+    from plait.models.hf import load_weights, model_config
+
+    folder = folders["bert"][0]
+    cfg = model_config(folder)
+    model = Bert(cfg, head="mlm")
+    load_weights(model, cfg, folder)
+    assert torch.equal(model.tok_emb.weight, plait.load_hf(folder).tok_emb.weight)
 
 
 def test_only_plaits_own_flavours_are_exported(tmp_path):
@@ -144,3 +158,17 @@ def test_bad_folders_are_one_line(folders, tmp_path):
         with pytest.raises(ConfigError) as e:
             plait.load_hf(folder)
         assert expect[key] in str(e.value) and "model.init_from" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_masked_language_modelling_loss_is_transformers(folders):
+    """plait's masked batches and loss give transformers' BertForMaskedLM loss (labels -100 left out)."""
+    from plait.models.description import cross_entropy
+    from plait.train.data import Masking, Sampler
+
+    folder, cls, _, _ = folders["bert-mlm"]
+    tokens = torch.randint(5, 300, (4000,)).numpy()
+    x, y = Sampler(tokens, 32, 4, 0, 0, 1, Masking(mask_id=4, vocab=300)).batch(0)
+    ours = plait.load_hf(folder).double().eval()
+    theirs = cls.from_pretrained(folder).double().eval()
+    with torch.no_grad():
+        assert abs(cross_entropy(ours(x), y).item() - theirs(input_ids=x, labels=y).loss.item()) < 1e-12

@@ -9,6 +9,7 @@ are read back: safetensors and JSON, never pickles.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def load_for_inference(path: str | Path) -> tuple[C.RunConfig, nn.Module, ModelD
 
 def export_hf(path: Path, out: Path) -> dict:
     """Write the model of the checkpoint at ``path`` as a Hugging Face folder ``out``
-    (config.json and model.safetensors, float32) that ``transformers`` loads."""
+    (config.json and model.safetensors, float32) that ``transformers`` loads, with the run's
+    tokenizer.json when it had one."""
     from ..models import build
     from ..models.hf import save_hf
 
@@ -102,6 +104,9 @@ def export_hf(path: Path, out: Path) -> dict:
     load_into(model, desc, state, str(path))
     try:
         save_hf(model, out, cfg.model)
+        tokenizer = Path(cfg.data.tokenizer).expanduser() if cfg.data.tokenizer else None
+        if tokenizer is not None and tokenizer.is_file():  # the run's tokenizer goes with its model
+            shutil.copyfile(tokenizer, out / "tokenizer.json")
     except OSError as e:
         raise ConfigError("--out", str(out), f"cannot be written ({e.strerror or e})") from None
     return {"values": sum(v.numel() for v in state.values()), "tensors": len(state), "step": step,

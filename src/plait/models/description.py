@@ -27,7 +27,7 @@ Tensor-parallel styles (Shoeybi et al. 2019; what travels is documented in ``par
 - ``row``: an ``nn.Linear`` split by input features; its output is summed over tp;
 - ``region``: a module whose input enters tp once (Megatron's f; under sequence parallel the
   sequence all-gather), e.g. attention or the MLP around column and row layers;
-- ``vocab_embedding`` / ``vocab_head``: an ``nn.Embedding`` / bias-free ``nn.Linear`` split by
+- ``vocab_embedding`` / ``vocab_head``: an ``nn.Embedding`` / ``nn.Linear`` (its bias split alike) split by
   vocabulary rows (padded to a multiple of tp); a ``vocab_head`` makes the loss vocabulary-parallel.
 
 A region's input is the hidden states as its first positional argument. Inside a region, a
@@ -91,6 +91,7 @@ class ModelDescription:
     loss: Callable | None = None  # (outputs, targets, reduction) -> loss; None: next-token cross-entropy
     costs: Callable[[int], tuple[float, float, float]] | None = None  # tokens -> (embed, block, head) cost
     attention_core: str = ""  # pattern of the modules (q, k, v) -> attention output; selective recompute
+    objective: str = "next_token"  # what train and verify teach it: next_token, or masked (an encoder's MLM)
 
     def side_inputs(self, model: nn.Module, inputs: Any) -> dict:
         """What every block receives beside the hidden states (``{}`` when the model has none)."""

@@ -35,29 +35,34 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 def model_config(folder: str | Path) -> ModelConfig:
     """The plait model config of a Hugging Face folder (validated)."""
-    return resolve_model(ModelConfig(**hf_model_keys(str(folder))))
+    return resolve_model(ModelConfig(**hf_model_keys(str(folder))), byte_tokens=False)  # its own tokenizer
 
 
 def load_hf(folder: str | Path) -> nn.Module:
     """The plain plait model of a local GPT-2, Llama or BERT folder, with its weights (float32): a
-    decoder gives logits; a BERT gives the last hidden states, or vocabulary logits when the folder
-    holds a masked-language-modelling head (``BertForMaskedLM``)."""
+    decoder gives logits; a BERT gives the last hidden states, vocabulary logits when the folder
+    holds a masked-language-modelling head (``BertForMaskedLM``), label logits for a tagger
+    (``BertForTokenClassification``)."""
     from . import build
 
     cfg = model_config(folder)
     if cfg.flavour == "bert":
         from .bert import Bert
 
-        model = Bert(cfg, head="mlm" if _has_mlm(folder) else "none")
+        model = Bert(cfg, **_bert_head(folder))
     else:
         model = build(cfg)[0]
     load_weights(model, cfg, folder)
     return model
 
 
-def _has_mlm(folder: str | Path) -> bool:
+def _bert_head(folder: str | Path) -> dict:
+    """The head of a BERT folder as ``Bert``'s arguments: its architecture says which."""
     config = json.loads((Path(folder).expanduser() / "config.json").read_text())
-    return "BertForMaskedLM" in (config.get("architectures") or [])
+    kinds = config.get("architectures") or []
+    if "BertForTokenClassification" in kinds:
+        return {"head": "token", "labels": len(config.get("id2label") or {}) or int(config.get("num_labels", 2))}
+    return {"head": "mlm" if "BertForMaskedLM" in kinds else "none"}
 
 
 def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -74,13 +79,18 @@ def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
                       "save_pretrained(..., safe_serialization=True)")
 
 
-def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path) -> None:
-    """Copy the folder's weights into ``model`` (plait's names and layouts), checking every shape."""
+def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the folder's weights into ``model`` (plait's names and layouts), checking every shape.
+    Parameters whose names start with one of ``skip`` keep their initial values; so do those of a
+    head the folder may lack (``HEADS_MAY_START_FRESH``) when it has none for them."""
     hf = read_tensors(folder)
     mine = dict(model.named_parameters())
+    fresh = HEADS_MAY_START_FRESH.get(cfg.flavour, ())
     mapped = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert}[cfg.flavour](hf, cfg)
     with torch.no_grad():
         for name, param in mine.items():
+            if (skip and name.startswith(skip)) or (fresh and name.startswith(fresh) and name not in mapped):
+                continue
             if name not in mapped:
                 if cfg.flavour in ("gpt2", "bert") and name == "lm_head.weight":
                     continue  # tied to tok_emb
@@ -91,6 +101,9 @@ def load_weights(model: nn.Module, cfg: ModelConfig, folder: str | Path) -> None
                 raise ConfigError("model.init_from", str(folder), f"the weight for {name} has shape "
                                   f"{tuple(value.shape)}; its config.json gives {tuple(param.shape)}")
             param.copy_(value.to(param.dtype))
+
+
+HEADS_MAY_START_FRESH = {"bert": ("mlm_dense.", "mlm_norm.", "lm_head.bias")}  # a BertModel folder, trained by MLM
 
 
 def _rope_rows(w: torch.Tensor, heads: int, to_plait: bool) -> torch.Tensor:
@@ -169,18 +182,25 @@ def _from_bert(hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for mine, theirs in _BERT_HEAD:
         out[f"{mine}.weight"], out[f"{mine}.bias"] = hf.get(f"{theirs}.weight"), hf.get(f"{theirs}.bias")
     out["lm_head.bias"] = hf.get("cls.predictions.bias", hf.get("cls.predictions.decoder.bias"))
+    out["classifier.weight"], out["classifier.bias"] = hf.get("classifier.weight"), hf.get("classifier.bias")
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _to_bert(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
-    mlm = "lm_head.bias" in s
-    prefix = "bert." if mlm else ""
+def _to_bert(s: dict, cfg: ModelConfig, labels: list[str] | None = None) -> tuple[dict, dict]:
+    mlm, tagger = "lm_head.bias" in s, "classifier.weight" in s
+    prefix = "bert." if mlm or tagger else ""
     out = {prefix + theirs: s[mine] for mine, theirs in _bert_pairs(cfg)}
     if mlm:
         for mine, theirs in _BERT_HEAD:
             out[f"{theirs}.weight"], out[f"{theirs}.bias"] = s[f"{mine}.weight"], s[f"{mine}.bias"]
         out["cls.predictions.bias"] = s["lm_head.bias"]
-    config = {"model_type": "bert", "architectures": ["BertForMaskedLM" if mlm else "BertModel"],
+    extra = {}
+    if tagger:
+        out["classifier.weight"], out["classifier.bias"] = s["classifier.weight"], s["classifier.bias"]
+        names = labels or [f"LABEL_{i}" for i in range(len(s["classifier.bias"]))]
+        extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    kind = "BertForMaskedLM" if mlm else "BertForTokenClassification" if tagger else "BertModel"
+    config = {"model_type": "bert", "architectures": [kind], **extra,
               "num_hidden_layers": cfg.layers, "hidden_size": cfg.hidden, "num_attention_heads": cfg.heads,
               "intermediate_size": cfg.ffn_hidden, "vocab_size": cfg.vocab, "max_position_embeddings": cfg.seq_len,
               "type_vocab_size": cfg.type_vocab, "layer_norm_eps": cfg.norm_eps, "hidden_act": "gelu",
@@ -189,9 +209,11 @@ def _to_bert(s: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     return out, config
 
 
-def save_hf(model: nn.Module, folder: str | Path, cfg: ModelConfig | None = None) -> Path:
-    """Write ``model`` (a plain plait gpt2 or llama) as a Hugging Face folder: config.json and
-    model.safetensors (float32), which ``transformers`` loads."""
+def save_hf(model: nn.Module, folder: str | Path, cfg: ModelConfig | None = None,
+            labels: list[str] | None = None) -> Path:
+    """Write ``model`` (a plain plait gpt2, llama or bert) as a Hugging Face folder: config.json
+    and model.safetensors (float32), which ``transformers`` loads (a BERT tagger as
+    ``BertForTokenClassification``, with ``labels`` as its id2label)."""
     from safetensors.torch import save_file
 
     cfg = cfg or getattr(model, "cfg", None)
@@ -201,7 +223,10 @@ def save_hf(model: nn.Module, folder: str | Path, cfg: ModelConfig | None = None
     root = Path(folder).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    tensors, config = {"gpt2": _to_gpt2, "llama": _to_llama, "bert": _to_bert}[cfg.flavour](state, cfg)
+    if cfg.flavour == "bert":
+        tensors, config = _to_bert(state, cfg, labels)
+    else:
+        tensors, config = {"gpt2": _to_gpt2, "llama": _to_llama}[cfg.flavour](state, cfg)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / WEIGHTS), metadata={"format": "pt"})
     (root / "config.json").write_text(json.dumps(config, indent=2))
     return root

@@ -12,7 +12,8 @@ a transformer layer (§3 of the paper) the plan reads:
   identity, backward all-reduce over tp), and the row-parallel output leaves through g (forward
   all-reduce, backward identity). One all-reduce each way per region.
 - ``vocab_embedding`` and ``vocab_head`` split the vocabulary (padded to a multiple of tp, the
-  padding masked); the loss is computed on vocabulary shards and never materialises full logits.
+  padding masked; a head's bias split alike); the loss is computed on vocabulary shards and never
+  materialises full logits.
 
 Sequence parallel (Korthikanti et al. 2022, §4.2.2): between regions, activations are split along
 the sequence, so norms and dropout work on 1/tp of the tokens. f becomes an all-gather along the
@@ -419,11 +420,13 @@ class _Styling:
         if style == "vocab_embedding":
             self.sharded[f"{name}.weight"] = (0, module.num_embeddings)
             return VocabParallelEmbedding.from_embedding(module, g, self.padded_vocab, tally=self.tally)
-        if module.bias is not None:
-            raise DescriptionError(f"tp style of {name}", style, "a vocab_head must have no bias")
+        bias = None
+        if module.bias is not None:  # split like the rows (BERT's output layer has one)
+            self.sharded[f"{name}.bias"] = (0, module.out_features)
+            bias = _shard(_padded_rows(module.bias[:, None], self.padded_vocab)[:, 0], 0, self.rank, self.tp)
         self.sharded[f"{name}.weight"] = (0, module.out_features)
         weight = _padded_rows(module.weight, self.padded_vocab)
-        return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), None, g, entry=True, sequence_parallel=sp,
+        return ColumnParallelLinear(_shard(weight, 0, self.rank, self.tp), bias, g, entry=True, sequence_parallel=sp,
                                     tally=self.tally)
 
 

@@ -80,11 +80,16 @@ class Params:
 
 
 def params(m: ModelConfig) -> Params:
-    """Exact parameter counts of plait's ``gpt2`` and ``llama`` models (``models/gpt.py``)."""
+    """Exact parameter counts of plait's ``gpt2`` and ``llama`` models (``models/gpt.py``) and of
+    ``bert`` with its masked-language-modelling head (``models/bert.py``; the head's vocabulary
+    bias counted as replicated)."""
     h, f, kv = m.hidden, m.ffn_hidden, m.kv_heads * (m.hidden // m.heads)
     attn = h * (h + 2 * kv) + h * h
     if m.flavour == "llama":
         return Params(m.vocab * h, 0, attn + 3 * h * f, 2 * h, h, m.vocab * h, m.layers)
+    if m.flavour == "bert":  # positions, token types and a norm; the head's dense layer, norm and bias
+        return Params(m.vocab * h, (m.seq_len + m.type_vocab + 2) * h, attn + (h + 2 * kv) + 2 * h * f + f,
+                      2 * h + 4 * h, h * h + 3 * h + m.vocab, 0, m.layers)
     # gpt2: biases on every linear (column biases split, row biases replicated), two LayerNorms
     return Params(m.vocab * h, m.seq_len * h, attn + (h + 2 * kv) + 2 * h * f + f, 2 * h + 4 * h, 2 * h, 0,
                   m.layers)
@@ -170,7 +175,7 @@ def model_flops_per_token(m: ModelConfig) -> float:
 
 def _biases(m: ModelConfig) -> int:
     kv = m.kv_heads * (m.hidden // m.heads)
-    return (m.hidden + 2 * kv + m.ffn_hidden) if m.flavour == "gpt2" else 0
+    return (m.hidden + 2 * kv + m.ffn_hidden) if m.flavour in ("gpt2", "bert") else 0
 
 
 def narayanan_flops(m: ModelConfig, tokens: int, recompute: bool = False) -> float:
@@ -304,7 +309,7 @@ def _simulated(schedule: str, p: int, m: int, v: int, b: float = 2.0, w: float =
 # ------------------------------------------------------------------------------ the estimate
 
 OPS_PER_LAYER = 24  # operations one block's forward runs (norms, matmuls, attention, activations, adds)
-TENSORS_PER_LAYER = {"gpt2": 12, "llama": 9}  # parameter tensors of one block (the optimizer's loop)
+TENSORS_PER_LAYER = {"gpt2": 12, "llama": 9, "bert": 12}  # parameter tensors of one block (the optimizer's loop)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 The embedded corpus is the Python standard library's own ``.py`` files on this machine (found
 through ``sysconfig``, in sorted order). Text is tokenised once into bytes (vocab 256) and cached
-as a memory-mapped file, keyed by the files' names, sizes and modification times.
+as a memory-mapped file, keyed by the files' names, sizes and modification times. With
+``data.tokenizer`` (a tokenizer.json) it is encoded into that tokenizer's ids instead, cached as
+uint16 (or uint32 past 65535 tokens) and keyed by the tokenizer's contents too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError, DataConfig
+from ..models.description import IGNORE
 
 VOCAB = 256  # byte-level tokens
 
@@ -57,8 +60,15 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:20]
 
 
-def tokenize(files: list[Path], progress: bool = True) -> Path:
-    """Byte tokens of every text file (binary files, those holding NUL, are skipped), cached."""
+TOKEN_DTYPES = {".u8": np.uint8, ".u16": np.uint16, ".u32": np.uint32}  # cache file suffix -> its ids' dtype
+ENCODE_CHUNK = 1 << 22  # characters of text encoded in one encode_batch call (a few files, or one big one)
+
+
+def tokenize(files: list[Path], progress: bool = True, tokenizer: str = "") -> Path:
+    """Byte tokens of every text file (binary files, those holding NUL, are skipped), cached;
+    with ``tokenizer`` (a tokenizer.json) its ids instead (``TOKEN_DTYPES`` by the file's suffix)."""
+    if tokenizer:
+        return _encode_files(files, progress, tokenizer)
     out = cache_dir() / f"corpus-{_fingerprint(files)}.u8"
     if out.exists():
         return out
@@ -71,6 +81,47 @@ def tokenize(files: list[Path], progress: bool = True) -> Path:
                 w.write(data if data.endswith(b"\n") else data + b"\n")
     os.replace(tmp, out)  # atomic: concurrent ranks under torchrun may both build it
     return out
+
+
+def _encode_files(files: list[Path], progress: bool, path: str) -> Path:
+    """The tokenizer's ids of every text file (no special tokens), cached like the bytes."""
+    from .tokenizer import load_tokenizer, vocab_size
+
+    tok = load_tokenizer(path)
+    key = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:12]
+    suffix = ".u16" if vocab_size(tok) <= 65535 else ".u32"
+    out = cache_dir() / f"corpus-{_fingerprint(files)}-tok{key}{suffix}"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    dtype = TOKEN_DTYPES[suffix]
+    with open(tmp, "wb") as w, tqdm(total=len(files), desc="tokenising corpus", unit="file", disable=not progress,
+                                    leave=False) as bar:
+        for texts, read in _text_batches(files):
+            for enc in tok.encode_batch(texts, add_special_tokens=False):
+                np.asarray(enc.ids, dtype=dtype).tofile(w)
+            bar.update(read)
+    os.replace(tmp, out)  # atomic, as for bytes
+    return out
+
+
+def _text_batches(files: list[Path]):
+    """(texts, files read) in batches of about ``ENCODE_CHUNK`` characters: each text file's
+    contents ending in a newline, as for bytes (binary files, those holding NUL, skipped)."""
+    texts: list[str] = []
+    size = read = 0
+    for f in files:
+        data, read = f.read_bytes(), read + 1
+        if data and b"\0" not in data:
+            text = data.decode("utf-8", errors="replace")
+            texts.append(text if text.endswith("\n") else text + "\n")
+            size += len(text)
+        if size >= ENCODE_CHUNK:
+            yield texts, read
+            texts, size, read = [], 0, 0
+    if read:
+        yield texts, read
 
 
 @dataclass(frozen=True)
@@ -88,9 +139,9 @@ def load_corpus(cfg: DataConfig, seq_len: int, progress: bool = True) -> Corpus:
         raise ConfigError("data.path", cfg.path, "the folder holds no files (empty corpus)")
     tokens = np.zeros(0, np.uint8)
     if _nonempty(files):
-        cached = tokenize(files, progress)
+        cached = tokenize(files, progress, cfg.tokenizer)
         if cached.stat().st_size:  # all files binary: nothing was kept
-            tokens = np.memmap(cached, dtype=np.uint8, mode="r")
+            tokens = np.memmap(cached, dtype=TOKEN_DTYPES[cached.suffix], mode="r")
     n_val = int(len(tokens) * cfg.val_fraction)
     need = seq_len + 1
     if len(tokens) - n_val < need or (cfg.val_fraction > 0 and n_val < need):
@@ -112,6 +163,30 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return chunk[:, :-1], chunk[:, 1:]
 
 
+@dataclass(frozen=True)
+class Masking:
+    """Masked-language modelling's inputs and targets (Devlin et al. 2019, §3.1): ``fraction`` of
+    the positions are predicted; of those 80% show ``mask_id``, 10% a random token of ``vocab``,
+    10% the token itself. The other positions' targets are ``IGNORE``. Byte-level text never holds
+    byte 0 (files with NUL are skipped), so 0 serves as the mask token there."""
+
+    mask_id: int = 0
+    vocab: int = VOCAB
+    fraction: float = 0.15
+
+    def apply(self, x: torch.Tensor, rng: np.random.Generator, rows: int, share: slice):
+        """(inputs, targets) of the windows ``x``, which are rows ``share`` of ``rows``; the draws
+        cover all ``rows``, so every dp rank masks its share as one process masks the whole."""
+        shape = (rows, x.shape[1])
+        chosen, how = rng.random(shape)[share] < self.fraction, rng.random(shape)[share]
+        random_tok = torch.from_numpy(rng.integers(0, self.vocab, shape)[share])
+        chosen_t, how_t = torch.from_numpy(chosen), torch.from_numpy(how)
+        targets = x.masked_fill(~chosen_t, IGNORE)
+        inputs = torch.where(chosen_t & (how_t < 0.8), torch.full_like(x, self.mask_id), x)
+        inputs = torch.where(chosen_t & (how_t >= 0.8) & (how_t < 0.9), random_tok, inputs)
+        return inputs, targets
+
+
 class Sampler:
     """Random windows of ``seq_len+1`` tokens, a fixed set per step for the whole global batch.
 
@@ -120,19 +195,32 @@ class Sampler:
     batch, and resuming at step ``s`` continues the same stream (the position is just ``s``).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, dp_rank: int, dp: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, dp_rank: int, dp: int,
+                 masking: Masking | None = None):
         self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
-        self.seed, self.dp_rank, self.dp = seed, dp_rank, dp
+        self.seed, self.dp_rank, self.dp, self.masking = seed, dp_rank, dp, masking
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (global_batch/dp, seq_len), of this rank for ``step``."""
+        """(inputs, targets), each (global_batch/dp, seq_len), of this rank for ``step``: the next
+        tokens, or with ``masking`` the window masked and its targets at the masked positions."""
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
-        share = self.global_batch // self.dp
-        return _windows(self.tokens, starts[self.dp_rank * share:(self.dp_rank + 1) * share], self.seq_len)
+        n = self.global_batch // self.dp
+        share = slice(self.dp_rank * n, (self.dp_rank + 1) * n)
+        x, y = _windows(self.tokens, starts[share], self.seq_len)
+        if self.masking is None:
+            return x, y
+        return self.masking.apply(x, np.random.default_rng([self.seed, step, 1]), self.global_batch, share)
 
 
-def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: int):
-    """A fixed, evenly spaced set of ``count`` validation windows; this rank's share of it."""
+def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: int, masking: Masking | None = None):
+    """A fixed, evenly spaced set of ``count`` validation windows; this rank's share of it (masked
+    the same way on every run with ``masking``)."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, count).astype(np.int64)
-    return _windows(tokens, starts[dp_rank::dp], seq_len)
+    x, y = _windows(tokens, starts[dp_rank::dp], seq_len)
+    if masking is None:
+        return x, y
+    return masking.apply(x, np.random.default_rng(VAL_MASK_SEED), count, slice(dp_rank, None, dp))
+
+
+VAL_MASK_SEED = 20190524  # validation's masks are fixed: the same positions at every evaluation

@@ -27,11 +27,11 @@ from ..checkpoint import Checkpointer, restore
 from ..config import RunConfig, microbatches, servers, slow_worker, step_tokens, to_toml
 from ..errors import ConfigError
 from ..models import build, generate, num_params
-from ..models.description import ModelDescription
+from ..models.description import IGNORE, ModelDescription
 from ..parallel.hybrid import ParallelModel, parallelize
 from ..seeds import seed_for
 from ..topology import Groups, Topology, build_groups, setup_logging
-from .data import Corpus, Sampler, load_corpus, val_batches
+from .data import VOCAB, Corpus, Masking, Sampler, load_corpus, val_batches
 from .metrics import ActivationMeter, MetricsWriter, optimizer_bytes
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -113,8 +113,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.pm.param_groups(t.weight_decay), t)
         torch.manual_seed(seed_for(t.seed, "dropout", dp_rank=self.coord.dp_rank, pp_rank=self.coord.pp_rank))
         self.corpus = corpus
+        self.masking = masking(cfg, self.pm.desc)  # an encoder learns masked-language modelling
         self.sampler = Sampler(corpus.train, cfg.model.seq_len, t.global_batch, seed_for(t.seed, "data"),
-                               self.coord.dp_rank, p.dp)
+                               self.coord.dp_rank, p.dp, self.masking)
         self.amp = autocast_dtype(cfg, device)
         self.meter = ActivationMeter(self.model)
         self.activation_peak = 0
@@ -184,16 +185,34 @@ class Trainer:
         if alone and self.groups.rank != 0:
             return float("nan")
         x, y = val_batches(self.corpus.val, self.cfg.model.seq_len, t.eval_batches * t.global_batch,
-                           0 if alone else self.coord.dp_rank, 1 if alone else p.dp)
+                           0 if alone else self.coord.dp_rank, 1 if alone else p.dp, self.masking)
         self.model.eval()
         total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
         self.pm.traffic.take()  # evaluation's forward passes are not training's traffic
+        count = int((y != IGNORE).sum())  # the tokens with a target (masked-language modelling: the masked)
         if alone:
-            return total / y.numel()
+            return total / count
         held = self.pm.holds_loss  # only the last pipeline stage has the loss
-        return comm.weighted_mean(total if held else 0.0, y.numel() if held else 0.0, self.groups.world)
+        return comm.weighted_mean(total if held else 0.0, count if held else 0.0, self.groups.world)
 
+
+
+def masking(cfg: RunConfig, desc: ModelDescription) -> Masking | None:
+    """How a masked-language model's batches are masked (None for next-token models): with the
+    tokenizer's mask token, or byte 0, which text never holds."""
+    if desc.objective != "masked":
+        return None
+    if not cfg.data.tokenizer:
+        return Masking(0, VOCAB)
+    from .tokenizer import load_tokenizer, mask_id
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    mid = mask_id(tok)
+    if mid is None:
+        raise ConfigError("data.tokenizer", cfg.data.tokenizer, "has no [MASK] token, which masked-language "
+                          "modelling (an encoder's training) needs")
+    return Masking(mid, tok.get_vocab_size())
 
 
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
@@ -223,7 +242,7 @@ def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     result = _loop(trainer, opts, lead, start)
     if opts.keep_params:
         result.params = trainer.pm.full_params()  # collective over tp
-    if opts.sample_tokens and trainer.coord.dp_rank == 0:  # every tp rank of one replica
+    if opts.sample_tokens and trainer.coord.dp_rank == 0 and trainer.pm.desc.objective == "next_token":
         result.sample = _sample(trainer, opts)
     return result if lead else None
 
@@ -353,14 +372,25 @@ def _record_val(trainer: Trainer, writer: MetricsWriter | None, result: TrainRes
 
 
 def _sample(trainer: Trainer, opts: RunOptions) -> str:
-    prompt = torch.tensor(list(opts.sample_prompt.encode()), dtype=torch.long, device=trainer.device)
+    """``opts.sample_prompt`` and the text the model adds: bytes, or the run's ``data.tokenizer``'s ids."""
+    from ..generate import decode, encode, run_tokenizer
+
+    tok = run_tokenizer(trainer.cfg)
+    if tok is None:
+        ids = list(opts.sample_prompt.encode())
+    else:
+        try:
+            ids = encode(opts.sample_prompt, trainer.cfg.model.vocab, "sample prompt", tok)
+        except ConfigError:  # a tokenizer that makes nothing of the prompt: no sample rather than a failed run
+            return ""
+    prompt = torch.tensor(ids, dtype=torch.long, device=trainer.device)
     gen = torch.Generator().manual_seed(seed_for(trainer.cfg.train.seed, "sample"))
     p, seq = trainer.cfg.parallel, trainer.cfg.model.seq_len
     pad_to = seq if p.pp > 1 else p.tp if p.sequence_parallel else 1
     with trainer._autocast():
         out = generate(trainer.model, prompt, opts.sample_tokens, seq, generator=gen, forward=trainer.pm.full_logits,
                        pad_to=pad_to)
-    return bytes(t for t in out.tolist() if t < 256).decode("utf-8", errors="replace")
+    return decode(out.tolist(), tok)  # bytes: below 256, as UTF-8
 
 
 def write_config(cfg: RunConfig, out: Path) -> None:
