@@ -32,14 +32,15 @@ def add_parser(sub, config_args) -> None:
 
 
 def prepare(cfg: C.RunConfig, folder: str):
-    """Read and label the data; the sequence length every batch is padded to."""
-    from .conll import WordTokenizer, label_names, longest, multiple_for, padded_length, read_splits
+    """Read, label and encode the data (once: the processes inherit it), padded to one length."""
+    from .conll import WordTokenizer, encode, label_names, multiple_for, padded_length, read_splits
     from .ner import TaggingData, check
 
     check(cfg)
     splits = read_splits(folder)
     words = WordTokenizer(cfg.data.tokenizer)
-    tokens = {k: longest(v, words) for k, v in splits.items()}
+    pieces = {k: words.split(v) for k, v in splits.items()}
+    tokens = {k: max(len(ids) for ids, _ in v) for k, v in pieces.items()}
     length = padded_length(max(tokens.values()), cfg.model.seq_len, multiple_for(cfg.parallel.tp))
     if length <= 0:
         raise ConfigError("model.seq_len", cfg.model.seq_len, f"must be at least {multiple_for(cfg.parallel.tp)}")
@@ -47,7 +48,9 @@ def prepare(cfg: C.RunConfig, folder: str):
     if longer:
         log.warning("sentences longer than %d tokens (model.seq_len) are cut; the longest: %s", length,
                     ", ".join(f"{k} {n}" for k, n in longer.items()))
-    return TaggingData(label_names(splits), length, splits)
+    labels = label_names(splits)
+    encoded = {k: encode(splits[k], pieces[k], labels, length, words.pad_id) for k in splits}
+    return TaggingData(labels, length, splits, encoded)
 
 
 def run(cfg: C.RunConfig, folder: str, nproc: int, out: Path, progress: bool = True):

@@ -113,29 +113,33 @@ class WordTokenizer:
                 return i
         return 0  # padding is masked from attention and loss: any id serves
 
-    def split(self, words: tuple[str, ...]) -> tuple[list[int], list[int | None]]:
-        if self.tok is None:
+    def split(self, sentences: list[Sentence]) -> list[tuple[list[int], list[int | None]]]:
+        """(ids, word of each id) of every sentence."""
+        if self.tok is not None:
+            encs = self.tok.encode_batch([list(s.words) for s in sentences], is_pretokenized=True)
+            return [(list(e.ids), list(e.word_ids)) for e in encs]
+        out = []
+        for s in sentences:
             ids, owners = [], []
-            for i, w in enumerate(words):
-                piece = list(((" " if i else "") + w).encode("utf-8"))
-                ids += piece
-                owners += [None] * (len(piece) - len(w.encode("utf-8"))) + [i] * len(w.encode("utf-8"))
-            return ids, owners
-        enc = self.tok.encode(list(words), is_pretokenized=True)
-        return list(enc.ids), list(enc.word_ids)
+            for i, w in enumerate(s.words):
+                word = w.encode("utf-8")
+                ids += ([32] if i else []) + list(word)  # a space between words
+                owners += ([None] if i else []) + [i] * len(word)
+            out.append((ids, owners))
+        return out
 
 
-def encode(sentences: list[Sentence], words: WordTokenizer, labels: list[str], length: int) -> Encoded:
-    """``sentences`` as (N, length) inputs and targets; longer ones are cut at ``length`` (the
-    words beyond take no part in training and count as predicted ``O`` in evaluation)."""
+def encode(sentences: list[Sentence], pieces: list, labels: list[str], length: int, pad_id: int) -> Encoded:
+    """``sentences`` (split into ``pieces`` by ``WordTokenizer.split``) as (N, length) inputs and
+    targets; longer ones are cut at ``length`` (the words beyond take no part in training and count
+    as predicted ``O`` in evaluation)."""
     index = {t: i for i, t in enumerate(labels)}
     n = len(sentences)
-    tokens = torch.full((n, length), words.pad_id, dtype=torch.long)
+    tokens = torch.full((n, length), pad_id, dtype=torch.long)
     padding = torch.zeros((n, length), dtype=torch.long)
     targets = torch.full((n, length), IGNORE, dtype=torch.long)
     firsts = []
-    for row, s in enumerate(sentences):
-        ids, owners = words.split(s.words)
+    for row, (s, (ids, owners)) in enumerate(zip(sentences, pieces)):
         ids, owners = ids[:length], owners[:length]
         tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         padding[row, :len(ids)] = 1
@@ -146,11 +150,6 @@ def encode(sentences: list[Sentence], words: WordTokenizer, labels: list[str], l
                 targets[row, pos] = index[s.tags[w]]
         firsts.append(first)
     return Encoded(tokens, padding, targets, firsts)
-
-
-def longest(sentences: list[Sentence], words: WordTokenizer) -> int:
-    """Tokens of the longest sentence, special tokens included."""
-    return max(len(words.split(s.words)[0]) for s in sentences)
 
 
 def padded_length(longest_tokens: int, limit: int, multiple: int) -> int:

@@ -36,18 +36,20 @@ from ..topology import Topology, build_groups, setup_logging
 from ..train.metrics import MetricsWriter
 from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.trainer import autocast_dtype, param_dtype
-from .conll import Encoded, Sentence, WordTokenizer, encode, step_rows
+from .conll import Encoded, Sentence, step_rows
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TaggingData:
-    """What every rank needs: the label names, the sequence length, the splits' sentences."""
+    """What every rank needs: the label names, the sequence length, the splits' sentences and
+    their model inputs."""
 
     labels: list[str]
     length: int
     splits: dict[str, list[Sentence]]
+    encoded: dict[str, Encoded]
 
 
 @dataclass
@@ -82,8 +84,7 @@ class Tagger:
     def __init__(self, cfg: RunConfig, data: TaggingData, device: torch.device, groups):
         self.cfg, self.data, self.device, self.groups = cfg, data, device, groups
         self.coord = groups.coord
-        words = WordTokenizer(cfg.data.tokenizer)
-        self.encoded = {k: encode(v, words, data.labels, data.length) for k, v in data.splits.items()}
+        self.encoded = data.encoded
         model = build_tagger(cfg, data.labels, device)
         sample = {"tokens": torch.zeros((1, data.length), dtype=torch.long, device=device)}
         self.pm: ParallelModel = parallelize(model, model.describe(), groups, cfg.parallel, seed=cfg.train.seed,

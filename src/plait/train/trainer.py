@@ -205,14 +205,14 @@ def masking(cfg: RunConfig, desc: ModelDescription) -> Masking | None:
         return None
     if not cfg.data.tokenizer:
         return Masking(0, VOCAB)
-    from .tokenizer import load_tokenizer, mask_id
+    from .tokenizer import load_tokenizer, mask_id, vocab_size
 
     tok = load_tokenizer(cfg.data.tokenizer)
     mid = mask_id(tok)
     if mid is None:
         raise ConfigError("data.tokenizer", cfg.data.tokenizer, "has no [MASK] token, which masked-language "
                           "modelling (an encoder's training) needs")
-    return Masking(mid, tok.get_vocab_size())
+    return Masking(mid, vocab_size(tok))
 
 
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
