@@ -117,7 +117,7 @@ def load_config(args: argparse.Namespace, defaults: dict | None = None) -> C.Run
     base = C.from_dict(C.parse_overrides([f"{k}={v}" for k, v in (defaults or {}).items()]))
     sets = list(args.set)
     sets += [f"{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
-             if getattr(args, flag, None) is not None and not (flag == "data" and args.command == "finetune")]
+             if getattr(args, flag, None) is not None]  # finetune has no --data flag of data.path
     return C.load(args.config, sets, base)
 
 

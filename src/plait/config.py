@@ -412,7 +412,7 @@ def step_tokens(cfg: RunConfig) -> int:
 def _validate_tokenizer(path: str, vocab: int) -> None:
     """The model's vocabulary must hold every id of ``data.tokenizer`` (read lazily: bytes need no
     ``tokenizers``)."""
-    from .train.tokenizer import load_tokenizer, vocab_size
+    from .tokenizer import load_tokenizer, vocab_size
 
     size = vocab_size(load_tokenizer(path))
     if vocab < size:

@@ -189,7 +189,7 @@ def encode(text: str, vocab: int, field: str = "--prompt", tokenizer=None) -> li
     """The byte-level tokens of ``text`` (UTF-8), or its ids by ``tokenizer`` (a run's
     ``data.tokenizer``, no special tokens); every token must be in the model's vocabulary."""
     if tokenizer is not None:
-        from .train.tokenizer import encode as tok_encode
+        from .tokenizer import encode as tok_encode
 
         tokens = tok_encode(tokenizer, text) if text else []
     else:
@@ -206,7 +206,7 @@ def decode(tokens: Sequence[int], tokenizer=None) -> str:
     """Bytes (tokens below 256) as UTF-8 text, invalid sequences replaced; or the text of the
     ids by ``tokenizer``."""
     if tokenizer is not None:
-        from .train.tokenizer import decode as tok_decode
+        from .tokenizer import decode as tok_decode
 
         return tok_decode(tokenizer, tokens)
     return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
@@ -290,8 +290,8 @@ def load_model(path: str) -> tuple:
                           "(plait.checkpoint.export is missing)") from None
     cfg, model, desc = load_for_inference(path)
     if desc.objective != "next_token":
-        raise ConfigError("--ckpt", path, f"holds an encoder ({cfg.model.builder or cfg.model.flavour}, trained by "
-                          f"{desc.objective} language modelling), which does not generate text")
+        raise ConfigError("--ckpt", path, f"holds a {cfg.model.builder or cfg.model.flavour} model whose objective is "
+                          f"{desc.objective!r}, not next-token prediction: it does not generate text")
     return cfg, model, desc
 
 
@@ -300,7 +300,7 @@ def run_tokenizer(cfg):
     tokenizer = getattr(getattr(cfg, "data", None), "tokenizer", "")
     if not tokenizer:
         return None
-    from .train.tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer)
 

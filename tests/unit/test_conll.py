@@ -37,6 +37,15 @@ def test_columns_between_are_ignored_and_docstart_skipped(tmp_path):
     assert set(read_splits(str(tmp_path))) == {"train"}
 
 
+def test_a_byte_order_mark_is_not_a_word_and_latin1_is_one_line(tmp_path):
+    (tmp_path / "bom.txt").write_text("\ufeff-DOCSTART- O\n\nParis B-LOC\n", encoding="utf-8")
+    assert read_conll(tmp_path / "bom.txt") == [Sentence(("Paris",), ("B-LOC",))]
+    (tmp_path / "latin.txt").write_bytes("Köln B-LOC\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        read_conll(tmp_path / "latin.txt")
+    assert "is not UTF-8" in str(e.value) and "latin.txt" in str(e.value)
+
+
 def test_a_bad_line_names_file_and_line(tmp_path):
     (tmp_path / "dev.txt").write_text("a O\n\nb B-X\nc\n")
     with pytest.raises(ConfigError) as e:
@@ -68,8 +77,9 @@ def test_labels_sit_on_first_sub_tokens(wordpiece):
     assert enc.padding[0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
     assert enc.targets[0].tolist() == [IGNORE, 1, 2, IGNORE, 0, IGNORE, IGNORE, IGNORE]
     assert enc.firsts == [[1, 2, 4]]
-    cut = encode(s, pieces, labels, 3, wordpiece.pad_id)  # [CLS] [UNK] black: "lives" is cut off
-    assert cut.firsts == [[1, 2, -1]] and cut.targets[0].tolist() == [IGNORE, 1, 2]
+    cut = encode(s, pieces, labels, 4, wordpiece.pad_id)  # [CLS] [UNK] black [SEP]: "lives" is cut off
+    assert cut.tokens[0].tolist() == [2, 1, 5, 3] and cut.firsts == [[1, 2, -1]]
+    assert cut.targets[0].tolist() == [IGNORE, 1, 2, IGNORE]
 
 
 def test_without_a_tokenizer_words_are_bytes():

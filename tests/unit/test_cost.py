@@ -122,3 +122,13 @@ def test_bubble_fractions_are_the_papers(p, m, v):
         span = cost.pipeline_time(schedule, p, m, v, 1.0, 2.0, 1.0)
         want = (p - 1) / (m + p - 1) if v == 1 else (p - 1) / (v * m + p - 1)
         assert 1 - ideal / span == pytest.approx(want, rel=1e-12), schedule
+
+
+def test_a_taggers_output_stage_costs_by_its_labels():
+    """Balancing a tagger's pipeline weighs its classifier by labels, not a vocabulary."""
+    from plait.models.bert import Bert
+
+    m = _model("model.flavour=bert", "model.vocab=30000")
+    mlm, tagger = Bert(m, head="mlm").describe().costs(4096), Bert(m, head="token", labels=9).describe().costs(4096)
+    assert mlm[:2] == tagger[:2] and tagger[2] == mlm[2] * 9 / 30000
+    assert Bert(m, head="none").describe().costs(4096)[2] == 0

@@ -109,9 +109,15 @@ def test_a_bert_folder_without_a_head_starts_a_masked_lm_with_a_fresh_bias(folde
 
     folder = folders["bert"][0]
     cfg = model_config(folder)
+    torch.manual_seed(5)
+    fresh = Bert(cfg, head="mlm")
+    torch.manual_seed(5)
     model = Bert(cfg, head="mlm")
     load_weights(model, cfg, folder)
     assert torch.equal(model.tok_emb.weight, plait.load_hf(folder).tok_emb.weight)
+    for name in ("mlm_dense.weight", "mlm_norm.weight", "lm_head.bias"):  # the folder has no head: as built
+        assert torch.equal(model.get_parameter(name), fresh.get_parameter(name)), name
+    assert not torch.equal(model.blocks[0].attn.wq.weight, fresh.blocks[0].attn.wq.weight)
 
 
 def test_only_plaits_own_flavours_are_exported(tmp_path):

@@ -14,8 +14,8 @@ from plait import cli
 from plait import config as C
 from plait.errors import ConfigError
 from plait.generate import TextStream, continuation
+from plait.tokenizer import decode, encode, load_tokenizer, mask_id, vocab_size
 from plait.train import data as D
-from plait.train.tokenizer import decode, encode, load_tokenizer, mask_id, vocab_size
 from tests.conftest import tiny_args
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -63,6 +63,19 @@ def test_helpers(tmp_path):
     assert ids == tok.encode("def foo ( x )", add_special_tokens=False).ids
     assert decode(tok, ids) == "def foo ( x )"
     assert mask_id(load_tokenizer(str(_words(tmp_path / "words.json")))) is None
+
+
+def test_a_files_own_truncation_and_padding_are_dropped(tmp_path):
+    """A tokenizer.json saved with truncation and padding on (some exports are) would cut the
+    corpus and pad sentences with tokens that count; plait turns both off."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(_words(tmp_path / "w.json")))
+    tok.enable_truncation(max_length=3)
+    tok.enable_padding(length=12, pad_id=0)
+    tok.save(str(tmp_path / "cut.json"))
+    text = "def foo ( x ) : return x + 1"
+    assert len(load_tokenizer(str(tmp_path / "cut.json")).encode(text).ids) == len(text.split())
 
 
 def test_corpus_is_the_tokenizers_ids_cached_as_uint16(tmp_path, cache, monkeypatch):

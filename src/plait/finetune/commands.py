@@ -24,8 +24,8 @@ def add_parser(sub, config_args) -> None:
     p = sub.add_parser("finetune", help="fine-tune an encoder (a Hugging Face BERT) for a task, any layout")
     p.add_argument("--task", required=True, choices=TASKS, help="token-classification: BIO tagging (NER) from "
                    "CoNLL files, scored per entity with seqeval")
-    p.add_argument("--data", required=True, metavar="DIR", help="a folder with train.txt (and dev.txt, test.txt): "
-                   "a token and its BIO tag per line, blank lines between sentences")
+    p.add_argument("--data", required=True, metavar="DIR", dest="task_data", help="a folder with train.txt (and "
+                   "dev.txt, test.txt): a token and its BIO tag per line, blank lines between sentences")
     config_args(p, data=False)
     p.add_argument("--out", help="output folder (default: runs/<date-time>); must not hold a run")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -82,15 +82,24 @@ def save_model(cfg: C.RunConfig, labels: list[str], params: dict, folder: Path) 
     with torch.device("meta"):
         model = Bert(cfg.model, head="token", labels=len(labels))
     model.load_state_dict(params, assign=True)
-    save_hf(model, folder, cfg.model, labels)
-    if cfg.data.tokenizer:
-        shutil.copy(cfg.data.tokenizer, folder / "tokenizer.json")
+    try:
+        save_hf(model, folder, cfg.model, labels)
+        if cfg.data.tokenizer:
+            shutil.copyfile(Path(cfg.data.tokenizer).expanduser(), folder / "tokenizer.json")
+    except OSError as e:
+        raise ConfigError("--out", str(folder.parent), f"the tagger cannot be written ({e.strerror or e}); "
+                          f"its report is in {folder.parent / 'ner_report.json'}") from None
 
 
 def cmd_finetune(args: argparse.Namespace, load_config, nproc_for, out_dir) -> int:
+    from ..launch import under_torchrun
+
+    if under_torchrun():
+        raise ConfigError("finetune", "torchrun", "runs its own local processes (--nproc); start it once, "
+                          "without torchrun")
     cfg = load_config(args, DEFAULTS)
     nproc = nproc_for(args, cfg)
     cfg = C.resolve(cfg, nproc)
     out = out_dir(args.out)
-    run(cfg, args.data, nproc, out, progress=not args.no_progress)
+    run(cfg, args.task_data, nproc, out, progress=not args.no_progress)
     return 0

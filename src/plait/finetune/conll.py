@@ -33,26 +33,34 @@ def read_conll(path: Path) -> list[Sentence]:
     """The sentences of one CoNLL file; a line that is not ``WORD ... TAG`` with a BIO tag stops
     with one line naming the file and line number."""
     sentences, words, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
-                if words:
-                    sentences.append(Sentence(tuple(words), tuple(tags)))
-                    words, tags = [], []
-                continue
-            if len(parts) < 2:
-                raise ConfigError("--data", f"{path}:{number}", f"expected a token and its tag separated by "
-                                  f"whitespace, got {line.strip()!r}")
-            tag = parts[-1]
-            if not (tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)):
-                raise ConfigError("--data", f"{path}:{number}", f"the tag {tag!r} is not BIO: give O, B-TYPE or "
-                                  "I-TYPE in the last column")
-            words.append(parts[0])
-            tags.append(tag)
+    for number, line in enumerate(_lines(path), 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words:
+                sentences.append(Sentence(tuple(words), tuple(tags)))
+                words, tags = [], []
+            continue
+        if len(parts) < 2:
+            raise ConfigError("--data", f"{path}:{number}", f"expected a token and its tag separated by "
+                              f"whitespace, got {line.strip()!r}")
+        tag = parts[-1]
+        if not (tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)):
+            raise ConfigError("--data", f"{path}:{number}", f"the tag {tag!r} is not BIO: give O, B-TYPE or "
+                              "I-TYPE in the last column")
+        words.append(parts[0])
+        tags.append(tag)
     if words:
         sentences.append(Sentence(tuple(words), tuple(tags)))
     return sentences
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, if any, is not a word
+            return f.readlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError("--data", str(path), f"is not UTF-8 text (byte {e.start}); convert it, e.g. "
+                          "iconv -f latin1 -t utf-8") from None
 
 
 def read_splits(folder: str) -> dict[str, list[Sentence]]:
@@ -79,7 +87,8 @@ def label_names(splits: dict[str, list[Sentence]]) -> list[str]:
 @dataclass(frozen=True)
 class Encoded:
     """A split as model inputs: tokens, padding (1 for a token) and targets, each (N, L); and for
-    every sentence the position of each word's first sub-token (-1 for a word cut off by the length)."""
+    every sentence the position of each word's first sub-token (-1 for a word cut off by the length,
+    or one the tokenizer gives no token)."""
 
     tokens: torch.Tensor
     padding: torch.Tensor
@@ -98,20 +107,12 @@ class WordTokenizer:
     tokenizer, or bytes when there is none."""
 
     def __init__(self, path: str = ""):
-        self.tok = None
+        self.tok, self.pad_id = None, 0  # padding is masked from attention and loss: any id serves
         if path:
-            from ..train.tokenizer import load_tokenizer
+            from ..tokenizer import load_tokenizer, token_id
 
             self.tok = load_tokenizer(path)
-        self.pad_id = self._pad_id()
-
-    def _pad_id(self) -> int:
-        if self.tok is None:
-            return 0
-        for name in ("[PAD]", "<pad>"):
-            if (i := self.tok.token_to_id(name)) is not None:
-                return i
-        return 0  # padding is masked from attention and loss: any id serves
+            self.pad_id = token_id(self.tok, ("[PAD]", "<pad>")) or 0
 
     def split(self, sentences: list[Sentence]) -> list[tuple[list[int], list[int | None]]]:
         """(ids, word of each id) of every sentence."""
@@ -140,7 +141,9 @@ def encode(sentences: list[Sentence], pieces: list, labels: list[str], length: i
     targets = torch.full((n, length), IGNORE, dtype=torch.long)
     firsts = []
     for row, (s, (ids, owners)) in enumerate(zip(sentences, pieces)):
-        ids, owners = ids[:length], owners[:length]
+        if len(ids) > length:  # cut, keeping a closing special token ([SEP]) where there is one
+            end = 1 if owners[-1] is None else 0
+            ids, owners = ids[:length - end] + ids[len(ids) - end:], owners[:length - end] + owners[len(owners) - end:]
         tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         padding[row, :len(ids)] = 1
         first = [-1] * len(s.words)

@@ -1,10 +1,12 @@
 """``plait finetune --task token-classification``: a BERT tagger trained on CoNLL files, any layout.
 
-Every rank reads and encodes the data alike (``conll.py``). A step takes ``train.global_batch``
-sentences (a fresh order every epoch), each dp rank its share in micro-batches, and runs the
-parallel model's own training step: the same strands, schedules and checkpoints as ``plait
-train``. Targets sit on each word's first sub-token; the loss is the mean over those targets of a
-micro-batch (vocabulary-parallel over the labels under tp).
+The data is read and encoded once, before the processes start (``conll.py``). A step takes
+``train.global_batch`` sentences (a fresh order every epoch), each dp rank its share in
+micro-batches, and runs the parallel model's own training step: the same strands and schedules
+as ``plait train`` (no checkpoints: a fine-tuning run is short; the tagger is saved at the end).
+Targets sit on each word's first sub-token; the loss is the mean over every labelled word of the
+step, whatever the layout and micro-batches (``ParallelModel.share``; vocabulary-parallel over the
+labels under tp).
 
 Evaluation (dev every ``train.eval_every`` steps, test at the end): each dp rank tags its share of
 the sentences (forward only: tp's collectives, activations over pp, the labels' logits gathered
@@ -15,8 +17,6 @@ the per-label table with micro, macro and weighted averages; it is also written 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -30,12 +30,13 @@ from .. import comm
 from ..config import RunConfig, step_tokens
 from ..errors import ConfigError
 from ..models.bert import Bert
+from ..models.description import IGNORE
 from ..parallel.hybrid import ParallelModel, parallelize
 from ..seeds import seed_for
 from ..topology import Topology, build_groups, setup_logging
 from ..train.metrics import MetricsWriter
 from ..train.optim import build_optimizer, lr_at, set_lr
-from ..train.trainer import autocast_dtype, param_dtype
+from ..train.trainer import autocast_context, autocast_dtype, param_dtype
 from .conll import Encoded, Sentence, step_rows
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def build_tagger(cfg: RunConfig, labels: list[str], device: torch.device) -> Ber
 
 def _folder_labels(folder: str) -> list[str]:
     names = json.loads((Path(folder).expanduser() / "config.json").read_text()).get("id2label") or {}
-    return [names.get(str(i), names.get(i)) for i in range(len(names))]
+    return [names.get(str(i)) for i in range(len(names))]
 
 
 class Tagger:
@@ -95,7 +96,7 @@ class Tagger:
         self.amp = autocast_dtype(cfg, device)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        return autocast_context(self.device, self.amp)
 
     def _micro(self, enc: Encoded, rows) -> list:
         mb = self.cfg.train.micro_batch
@@ -103,6 +104,8 @@ class Tagger:
                  enc.targets[rows[i:i + mb]].to(self.device)) for i in range(0, len(rows), mb)]
 
     def step(self, step: int) -> dict:
+        """One optimizer step over the step's sentences (this dp rank's share); the metrics row.
+        Collective over every rank (the parallel model's step, the loss's mean over dp)."""
         t0 = time.perf_counter()
         t, p = self.cfg.train, self.cfg.parallel
         lr = lr_at(step, t)
@@ -111,14 +114,19 @@ class Tagger:
         rows = step_rows(len(train), t.global_batch, step, seed_for(t.seed, "data"))
         share = t.global_batch // p.dp
         mine = rows[self.coord.dp_rank * share:(self.coord.dp_rank + 1) * share]
-        loss, norm = self.pm.train_step(self._micro(train, mine), self.optimizer, t.grad_clip, self._autocast)
+        labelled = train.targets != IGNORE  # every labelled word of the step weighs alike, at any layout
+        targets = (int(labelled[rows].sum()), int(labelled[mine].sum()))
+        loss, norm = self.pm.train_step(self._micro(train, mine), self.optimizer, t.grad_clip, self._autocast,
+                                        targets=targets)
         dt = time.perf_counter() - t0
         return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens_per_s": int(train.padding[rows].sum()) / dt, "step_time_s": dt}
 
     @torch.no_grad()
     def predict(self, split: str) -> list[list[str]] | None:
-        """The tag of every word of ``split`` (rank 0; None elsewhere). Collective over every rank."""
+        """The tag of every word of ``split`` (rank 0; None elsewhere). Collective over every rank:
+        forward only (tp's collectives, activations over pp, logits gathered over tp and broadcast
+        over pp, ZeRO-3's gathers over dp), then the predictions gathered over dp."""
         enc, mb, dp = self.encoded[split], self.cfg.train.micro_batch, self.cfg.parallel.dp
         mine = list(range(self.coord.dp_rank, len(enc), dp))
         per_rank = -(-len(enc) // dp)
@@ -143,7 +151,8 @@ class Tagger:
 
 
 def evaluate(tagger: Tagger, split: str) -> dict | None:
-    """seqeval's entity-level report of ``split`` on rank 0 (with its text table), else None."""
+    """seqeval's entity-level report of ``split`` on rank 0 (with its text table), else None.
+    Collective over every rank (``Tagger.predict``)."""
     predicted = tagger.predict(split)
     if predicted is None:
         return None
@@ -157,7 +166,8 @@ def evaluate(tagger: Tagger, split: str) -> dict | None:
 
 def finetune_worker(cfg: RunConfig, data: TaggingData, out: Path | None, progress: bool = True,
                     keep_params: bool = False) -> FinetuneResult | None:
-    """Everything one rank does for ``plait finetune``; rank 0 returns the result."""
+    """Everything one rank does for ``plait finetune``; rank 0 returns the result (and writes
+    the metrics and ``ner_report.json`` into ``out``). Every step and evaluation is collective."""
     device = comm.pick_device()
     groups = build_groups(Topology.of(cfg.parallel), device.type)
     setup_logging(groups.prefix)
@@ -208,7 +218,11 @@ def check(cfg: RunConfig) -> None:
     if cfg.ps is not None or cfg.diloco is not None:
         raise ConfigError("ps.*" if cfg.ps is not None else "diloco.*", "set", "fine-tuning runs synchronous "
                           "data parallel (with any zero, tp, pp); leave the ps and diloco sections out")
-
-
-def replace_train(cfg: RunConfig, **kw) -> RunConfig:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
+    if cfg.model.init_from and not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer", "", f"{cfg.model.init_from} has no tokenizer.json: give the "
+                          "checkpoint's own (data.tokenizer=FILE), whose sub-words the model knows")
+    try:
+        import seqeval  # noqa: F401 - scored on rank 0 after training: missing, say so before it starts
+    except ModuleNotFoundError:
+        raise ConfigError("--task", "token-classification", "scores entities with seqeval: "
+                          "pip install 'plait[hf]'") from None

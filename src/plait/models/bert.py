@@ -146,7 +146,15 @@ class Bert(nn.Module):
             embed=Bert.embed, blocks="blocks", head=Bert.head, hidden=cfg.hidden, side=Bert.side,
             input_modules=("tok_emb", "pos_emb", "type_emb", "emb_norm", "drop"), output_modules=out,
             tied=(("lm_head.weight", "tok_emb.weight"),) if self.head_kind == "mlm" else (), tp=plan,
-            attention_core="blocks.*.attn.core", objective="masked", costs=lambda tokens: layer_costs(cfg, tokens))
+            attention_core="blocks.*.attn.core", objective="masked" if self.head_kind == "mlm" else "none",
+            costs=self._costs)
+
+    def _costs(self, tokens: int) -> tuple[float, float, float]:
+        """(input stage, one block, output stage) cost for balancing pipeline stages: the decoders'
+        (``gpt.layer_costs``); the output layer's scales with its outputs (labels, or none)."""
+        embed, block, head = layer_costs(self.cfg, tokens)  # the head's terms are all per vocabulary row
+        outputs = {"mlm": self.cfg.vocab, "token": self.labels}.get(self.head_kind, 0)
+        return embed, block, head * outputs / self.cfg.vocab
 
 
 def unpack(inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

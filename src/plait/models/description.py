@@ -91,7 +91,8 @@ class ModelDescription:
     loss: Callable | None = None  # (outputs, targets, reduction) -> loss; None: next-token cross-entropy
     costs: Callable[[int], tuple[float, float, float]] | None = None  # tokens -> (embed, block, head) cost
     attention_core: str = ""  # pattern of the modules (q, k, v) -> attention output; selective recompute
-    objective: str = "next_token"  # what train and verify teach it: next_token, or masked (an encoder's MLM)
+    objective: str = "next_token"  # what train and verify teach it: next_token, masked (an encoder's MLM),
+    # or none (a task of its own: a tagger, which plait finetune trains)
 
     def side_inputs(self, model: nn.Module, inputs: Any) -> dict:
         """What every block receives beside the hidden states (``{}`` when the model has none)."""

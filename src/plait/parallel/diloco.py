@@ -171,6 +171,8 @@ class Fragment:
 class DiLoCo(DataParallelStrand):
     """Local training on each dp rank, synced every ``inner_steps`` (see the module docstring)."""
 
+    averages_grads = False  # an inner step's gradient is this replica's own
+
     def __init__(self, module: nn.Module, group, *, inner_steps: int, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, fragments: int = 1, quantize: str = "none",
                  fragment_of: dict[str, int] | None = None, tally: comm.Tally | None = None):

@@ -57,13 +57,15 @@ class ParallelModel:
     # ---------------------------------------------------------------- one training step
 
     def train_step(self, micro: list, optimizer: torch.optim.Optimizer, max_norm: float = 0.0,
-                   autocast=contextlib.nullcontext, meter=None, slowdown: float = 1.0) -> tuple[float, float]:
+                   autocast=contextlib.nullcontext, meter=None, slowdown: float = 1.0,
+                   targets: tuple[int, int] | None = None) -> tuple[float, float]:
         """Forward and backward of this rank's micro-batches ``[(inputs, targets)]``, gradient
         sync, global-norm clip (``max_norm`` 0: measure only), optimizer step. Returns the loss
         (mean over dp; collective over every rank) and the gradient norm. ``slowdown`` > 1 makes
-        this rank a straggler: it waits ``slowdown - 1`` times its forward and backward's time."""
+        this rank a straggler: it waits ``slowdown - 1`` times its forward and backward's time.
+        ``targets``: see ``share``."""
         start = time.perf_counter()
-        local = self.forward_backward(micro, autocast, meter)
+        local = self.forward_backward(micro, autocast, meter, targets)
         if slowdown > 1:
             time.sleep((slowdown - 1) * (time.perf_counter() - start))
         self.finish_grads()
@@ -79,13 +81,15 @@ class ParallelModel:
             return self.tp.loss(outputs, target, reduction)
         return (self.desc.loss or cross_entropy)(outputs, target, reduction)
 
-    def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None) -> torch.Tensor:
-        """Forward and backward of this rank's micro-batches; gradients accumulate (scaled 1/len).
-        Returns the mean loss where this rank computes it (every rank, or the last stage), else 0.
-        What travels: activations and their gradients over pp (the schedule), tp's collectives
-        inside the model, and the data-parallel strand's over dp during the last backward."""
+    def forward_backward(self, micro: list, autocast=contextlib.nullcontext, meter=None,
+                         targets: tuple[int, int] | None = None) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; gradients accumulate (each micro-batch's
+        loss weighted by ``share``). Returns the step's loss where this rank computes it (every rank,
+        or the last stage), else 0. What travels: activations and their gradients over pp (the
+        schedule), tp's collectives inside the model, and the data-parallel strand's over dp during
+        the last backward."""
         self.data.begin_step()
-        ctx = StepContext(micro, self.loss, autocast, self.data.no_sync, meter)
+        ctx = StepContext(micro, self.share(len(micro), targets), autocast, self.data.no_sync, meter)
         if self.pipeline is not None:
             return self.pipeline.train_step(ctx)
         for i, (x, y) in enumerate(micro):
@@ -93,11 +97,25 @@ class ParallelModel:
             a = _Key(i)
             with sync:
                 with ctx.measure(a), autocast():
-                    loss = self.loss(self.module(x), y)
-                (loss / len(micro)).backward()
+                    loss = ctx.loss_fn(self.module(x), y)
+                loss.backward()
             ctx.release(a)
             ctx.total += loss.detach()
-        return ctx.total / len(micro)
+        return ctx.total
+
+    def share(self, micro_batches: int, targets: tuple[int, int] | None = None):
+        """(outputs, targets) -> one micro-batch's share of the step's loss. Without ``targets``,
+        its mean over its targets / ``micro_batches`` (every micro-batch weighs alike: exact when
+        all hold as many targets, as next-token windows do). With ``targets`` = (the step's
+        targets over every dp rank, this rank's), every target weighs alike whatever the
+        micro-batches and dp (masked-language modelling, tagging padded sentences): the sum over
+        the micro-batch's targets, times dp / the step's, as the strand averages gradients over dp
+        (a strand whose gradients stand alone, DiLoCo or an asynchronous server: / this rank's)."""
+        if targets is None:
+            return lambda out, y: self.loss(out, y) / micro_batches
+        every, mine = targets
+        scale = self.dp / max(every, 1) if self.data.averages_grads else 1 / max(mine, 1)
+        return lambda out, y: self.loss(out, y, "sum") * scale
 
     def finish_grads(self) -> None:
         """After the last backward: mean over dp, partial sums over tp, tied copies summed over the

@@ -120,6 +120,7 @@ class PSWorker(DataParallelStrand):
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.segments = [(p, p) for _, p in self.named]
         self.lockstep = mode == "sync"
+        self.averages_grads = mode == "sync"  # async / ssp: each push is one worker's own gradient
         self.clips_itself = mode == "sync"  # the servers clip the mean gradient
         self.dtype = self.named[0][1].dtype
         c = groups.coord

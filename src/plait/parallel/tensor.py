@@ -262,7 +262,7 @@ class TensorParallel:
         keep = target != IGNORE
         losses = vocab_parallel_cross_entropy(logits.flatten(0, 1), target.masked_fill(~keep, 0), self.vocab_start,
                                               self.vocab, self.group, self.tally) * keep
-        return losses.sum() if reduction == "sum" else losses.sum() / keep.sum()
+        return losses.sum() if reduction == "sum" else losses.sum() / keep.sum().clamp_min(1)
 
     def finish_grads(self, grads: list[torch.Tensor | None]) -> None:
         """After backward: all-reduce (sum) over tp the partial gradients of replicated parameters
@@ -434,14 +434,18 @@ def _track_random(model: nn.Module, desc: ModelDescription, regions: list[str], 
                   tracker: RNGTracker) -> None:
     """Run on the tracked stream (per tp rank) what draws random numbers on this rank's shard: the
     description's ``sharded_random`` modules, dropout inside a region, and under sequence parallel
-    the blocks' other dropout (each rank holds other tokens). Dropout that is off is left alone."""
+    the blocks' and the output stage's other dropout (each rank holds other tokens). Dropout that
+    is off is left alone."""
     wrapped: list[str] = []
     for name, module in model.named_modules():
         if within(name, wrapped):
             continue  # already on the tracked stream through a module around it
         sharded = any(fnmatch.fnmatchcase(name, pattern) for pattern in desc.tp.sharded_random)
-        if not sharded and isinstance(module, nn.Dropout) and module.p > 0 and within(name, (desc.blocks,)):
-            sharded = sequence_parallel or within(name, regions)
+        if not sharded and isinstance(module, nn.Dropout) and module.p > 0:
+            if within(name, (desc.blocks,)):
+                sharded = sequence_parallel or within(name, regions)
+            else:  # the output stage's (a tagger's) runs on sequence shards under sequence parallel
+                sharded = sequence_parallel and within(name, desc.output_modules)
         if sharded:
             tracker.wrap(module)
             wrapped.append(name)

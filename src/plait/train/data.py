@@ -85,7 +85,7 @@ def tokenize(files: list[Path], progress: bool = True, tokenizer: str = "") -> P
 
 def _encode_files(files: list[Path], progress: bool, path: str) -> Path:
     """The tokenizer's ids of every text file (no special tokens), cached like the bytes."""
-    from .tokenizer import load_tokenizer, vocab_size
+    from ..tokenizer import load_tokenizer, vocab_size
 
     tok = load_tokenizer(path)
     key = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:12]
@@ -174,6 +174,10 @@ class Masking:
     vocab: int = VOCAB
     fraction: float = 0.15
 
+    def count(self, rng: np.random.Generator, shape: tuple[int, int]) -> int:
+        """How many positions ``apply`` with this ``rng`` chooses over the whole (rows, seq) batch."""
+        return int((rng.random(shape) < self.fraction).sum())
+
     def apply(self, x: torch.Tensor, rng: np.random.Generator, rows: int, share: slice):
         """(inputs, targets) of the windows ``x``, which are rows ``share`` of ``rows``; the draws
         cover all ``rows``, so every dp rank masks its share as one process masks the whole."""
@@ -210,7 +214,17 @@ class Sampler:
         x, y = _windows(self.tokens, starts[share], self.seq_len)
         if self.masking is None:
             return x, y
-        return self.masking.apply(x, np.random.default_rng([self.seed, step, 1]), self.global_batch, share)
+        return self.masking.apply(x, self._mask_rng(step), self.global_batch, share)
+
+    def targets(self, step: int) -> int:
+        """Targets in the whole global batch of ``step`` (every dp rank's): every token of every
+        window, or with ``masking`` the masked positions. No communication: every rank draws alike."""
+        if self.masking is None:
+            return self.global_batch * self.seq_len
+        return self.masking.count(self._mask_rng(step), (self.global_batch, self.seq_len))
+
+    def _mask_rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, step, 1])
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: int, masking: Masking | None = None):

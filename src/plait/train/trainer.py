@@ -76,6 +76,11 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def fresh_model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, ModelDescription]:
     """The model of ``cfg`` and its description, the same on every rank (seeded), on ``device``
     in the run's parameter dtype (on the meta device: shapes only, nothing allocated)."""
@@ -126,9 +131,7 @@ class Trainer:
         self.slowdown = slow[1] if slow is not None and slow[0] == self.coord.dp_rank else 1.0
 
     def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return autocast_context(self.device, self.amp)
 
     def _micro_batches(self, x: torch.Tensor, y: torch.Tensor) -> list:
         mb = self.cfg.train.micro_batch  # (B/dp, S) -> [(micro_batch, S)], each in storage of its own
@@ -140,10 +143,15 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg.train)
         set_lr(self.optimizer, lr)
-        micro = self._micro_batches(*self.sampler.batch(step))
+        x, y = self.sampler.batch(step)
+        micro = self._micro_batches(x, y)
         first = step == self.first_step  # the activations are measured on this process's first step
+        targets = None  # masked windows hold different numbers of targets: every target weighs alike
+        if self.masking is not None:
+            mine = int((y != IGNORE).sum())
+            targets = (self.sampler.targets(step) if self.pm.dp > 1 else mine, mine)
         loss, grad_norm = self.pm.train_step(micro, self.optimizer, self.cfg.train.grad_clip, self._autocast,
-                                             self.meter if first else None, self.slowdown)
+                                             self.meter if first else None, self.slowdown, targets)
         if first:
             self.activation_peak = self.meter.peak
         if not self.pm.data.running(step + 1, self.cfg.train.steps):
@@ -190,7 +198,7 @@ class Trainer:
         total = float(self.pm.loss_sum(self._micro_batches(x, y), self._autocast))
         self.model.train()
         self.pm.traffic.take()  # evaluation's forward passes are not training's traffic
-        count = int((y != IGNORE).sum())  # the tokens with a target (masked-language modelling: the masked)
+        count = max(int((y != IGNORE).sum()), 1)  # the tokens with a target (masked-language modelling: the masked)
         if alone:
             return total / count
         held = self.pm.holds_loss  # only the last pipeline stage has the loss
@@ -205,7 +213,7 @@ def masking(cfg: RunConfig, desc: ModelDescription) -> Masking | None:
         return None
     if not cfg.data.tokenizer:
         return Masking(0, VOCAB)
-    from .tokenizer import load_tokenizer, mask_id, vocab_size
+    from ..tokenizer import load_tokenizer, mask_id, vocab_size
 
     tok = load_tokenizer(cfg.data.tokenizer)
     mid = mask_id(tok)

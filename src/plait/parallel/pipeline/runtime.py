@@ -64,7 +64,7 @@ class StepContext:
     """What one step's actions share: the micro-batches and how to run them."""
 
     micro: list  # [(inputs, targets)], this dp rank's micro-batches
-    loss_fn: Callable  # (outputs, targets) -> mean loss of the micro-batch
+    loss_fn: Callable  # (outputs, targets) -> the micro-batch's share of the step's loss (ParallelModel.share)
     autocast: Callable = contextlib.nullcontext
     no_sync: Callable = contextlib.nullcontext  # data parallel's accumulation context
     meter: object = None  # ActivationMeter, on the steps that measure
@@ -218,9 +218,8 @@ class PipelineParallel:
                 self._sides[a.mb] = self.desc.side_inputs(self.model, x)
             out = self.run_chunk(chunk, inp, x, self._sides[a.mb])
             if chunk.last:
-                loss = ctx.loss_fn(out, y)
-                ctx.total += loss.detach()
-                out = loss / len(ctx.micro)
+                out = ctx.loss_fn(out, y)
+                ctx.total += out.detach()
         if not chunk.last:
             self._send(out, (ACT, chunk.stage + 1, a.mb))
             _drop_data(out)
@@ -265,7 +264,7 @@ class PipelineParallel:
     # ---------------------------------------------------------------- steps
 
     def train_step(self, ctx: StepContext) -> torch.Tensor:
-        """Run this rank's schedule over ``ctx.micro``; the mean loss on the last stage, else 0."""
+        """Run this rank's schedule over ``ctx.micro``; the step's loss on the last stage, else 0."""
         if self.schedule.interleaved and len(ctx.micro) % self.pp:
             raise ConfigError("parallel.microbatches", len(ctx.micro), f"the {self.schedule.name} schedule needs "
                               f"a multiple of pp={self.pp} micro-batches a step")
@@ -285,7 +284,7 @@ class PipelineParallel:
         self.sends.finish()
         self.sends, self.last_sends, self._micro = None, self.sends, []
         self._sides.clear()
-        return ctx.total / len(ctx.micro)
+        return ctx.total
 
     @torch.no_grad()
     def forward_only(self, ctx: StepContext) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 FIELD = "data.tokenizer"
 MASK_TOKENS = ("[MASK]", "<mask>")  # BERT's WordPiece, RoBERTa's byte-level BPE
@@ -27,10 +27,13 @@ def load_tokenizer(path: str):
     except ModuleNotFoundError:
         raise ConfigError(FIELD, path, "needs the tokenizers library: pip install 'plait[hf]'") from None
     try:
-        return Tokenizer.from_file(str(p))
+        tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(FIELD, path, f"is not a tokenizer.json the tokenizers library reads ({reason})") from None
+    tok.no_truncation()  # a file may carry an export's settings: plait cuts and pads itself
+    tok.no_padding()
+    return tok
 
 
 def vocab_size(tokenizer) -> int:
@@ -40,11 +43,12 @@ def vocab_size(tokenizer) -> int:
 
 def mask_id(tokenizer) -> int | None:
     """The id of the mask token ("[MASK]" or "<mask>"), None when the tokenizer has none."""
-    for token in MASK_TOKENS:
-        tid = tokenizer.token_to_id(token)
-        if tid is not None:
-            return tid
-    return None
+    return token_id(tokenizer, MASK_TOKENS)
+
+
+def token_id(tokenizer, names: tuple[str, ...]) -> int | None:
+    """The id of the first of ``names`` the tokenizer knows, else None."""
+    return next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -57,4 +61,4 @@ def decode(tokenizer, ids) -> str:
     return tokenizer.decode([int(i) for i in ids])
 
 
-__all__ = ["decode", "encode", "load_tokenizer", "mask_id", "vocab_size"]
+__all__ = ["decode", "encode", "load_tokenizer", "mask_id", "token_id", "vocab_size"]
