@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import comm
 from .checkpoint.bench import ckpt_worker as _ckpt_worker
 from .checkpoint.bench import format_ckpt
-from .config import RunConfig, microbatches
+from .config import RunConfig, diloco_shards, microbatches
 from .diloco_bench import DEFAULTS as DILOCO_DEFAULTS
 from .diloco_bench import ITERS as DILOCO_ITERS
 from .diloco_bench import check_diloco, diloco_worker, format_diloco
@@ -114,7 +114,7 @@ def _summary(cfg: RunConfig, times: dict, baseline: str, params: int) -> dict | 
 
 def _setup(cfg: RunConfig):
     device = comm.pick_device()
-    groups = build_groups(Topology.of(cfg.parallel), device.type)
+    groups = build_groups(Topology.of(cfg.parallel), device.type, shards=diloco_shards(cfg.diloco, cfg.parallel))
     corpus = load_corpus(cfg.data, cfg.model.seq_len, progress=False)
     sampler = Sampler(corpus.train, cfg.model.seq_len, cfg.train.global_batch, seed_for(cfg.train.seed, "data"),
                       groups.coord.dp_rank, cfg.parallel.dp)

@@ -102,6 +102,7 @@ class DilocoConfig:
     outer_momentum: float = 0.9  # Nesterov; outer_lr=1, momentum=0 is local SGD (model averaging)
     fragments: int = 1  # streaming DiLoCo: the parameters in F fragments synchronised in turn
     quantize: str = "none"  # what the pseudo-gradients travel as: none (their dtype), bf16, fp8
+    replicas: int = 0  # 0: every dp rank a replica; R < dp: R replicas of dp/R ranks (dp or ZeRO inside)
 
 
 @dataclass(frozen=True)
@@ -584,9 +585,17 @@ def _validate_diloco(d: DilocoConfig, p: ParallelConfig) -> None:
                           "(each fragment syncs once every inner_steps, staggered)")
     if d.quantize not in QUANTIZE:
         raise ConfigError("diloco.quantize", d.quantize, f"valid formats: {', '.join(QUANTIZE)}")
-    if p.zero:
-        raise ConfigError("parallel.zero", p.zero, "DiLoCo's replicas are the dp ranks and ZeRO would shard over "
-                          "them; use zero=0 with diloco.*")
+    if d.replicas < 0 or (d.replicas and p.dp % d.replicas):
+        raise ConfigError("diloco.replicas", d.replicas, f"must divide parallel.dp={p.dp} (0: every dp rank a "
+                          "replica)")
+    if p.zero and diloco_shards(d, p) == 1:
+        raise ConfigError("parallel.zero", p.zero, "ZeRO shards within a DiLoCo replica, and each dp rank is one: "
+                          f"give diloco.replicas < dp={p.dp} (e.g. {max(p.dp // 2, 1)}), or zero=0")
+
+
+def diloco_shards(d: DilocoConfig | None, p: ParallelConfig) -> int:
+    """dp ranks in one DiLoCo replica (1 without DiLoCo, or with every dp rank a replica)."""
+    return p.dp // d.replicas if d is not None and d.replicas else 1
 
 
 def _validate_train(t: TrainConfig, p: ParallelConfig) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
+from .config import RunConfig, diloco_shards
 from .topology import Topology, build_groups
 from .train.metrics import tensor_bytes
 from .train.trainer import build_parallel
@@ -19,7 +19,7 @@ from .train.trainer import build_parallel
 
 def dry_run_worker(cfg: RunConfig) -> dict:
     """This rank's coordinates and model-state bytes (collective: builds the process groups)."""
-    groups = build_groups(Topology.of(cfg.parallel), "cpu")
+    groups = build_groups(Topology.of(cfg.parallel), "cpu", shards=diloco_shards(cfg.diloco, cfg.parallel))
     pm, _ = build_parallel(cfg, groups, torch.device("meta"))
     held = pm.memory()
     params, grads = held["params"], held["steady_grads"]

@@ -23,9 +23,11 @@ from .train.trainer import RunOptions, Trainer, TrainResult
 
 
 def diloco_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult:
-    """DiLoCo over ``cfg.parallel.dp`` replicas in this one process (the whole model in each);
+    """DiLoCo over its replicas (``diloco.replicas``, else ``cfg.parallel.dp``) in this one process
+    (the whole model in each, trained on the replica's share of every global batch);
     returns the mean loss over replicas at every step and replica 0's final parameters."""
-    d, dp, t = cfg.diloco, cfg.parallel.dp, cfg.train
+    d, t = cfg.diloco, cfg.train
+    dp = d.replicas or cfg.parallel.dp  # replicas (of dp / replicas ranks each: one process trains the same)
     one = replace(cfg, parallel=replace(cfg.parallel, dp=1, tp=1, pp=1, zero=0, sequence_parallel=False,
                                         schedule="1f1b", virtual_stages=1, microbatches=0, stage_layers=()),
                   train=replace(t, global_batch=t.global_batch // dp), diloco=None)

@@ -87,6 +87,8 @@ class Groups:
     world: object = None
     ps: object = None
     server_group: object = None
+    shard: object = None  # DiLoCo with replicas of several dp ranks: this replica's dp ranks
+    replica: object = None  # ... and the ranks at this rank's place in every replica (None: no such split)
 
     @property
     def is_server(self) -> bool:
@@ -104,10 +106,12 @@ class Groups:
         return self.topology.prefix(self.rank)
 
 
-def build_groups(topology: Topology, device_type: str, servers: int = 0) -> Groups:
+def build_groups(topology: Topology, device_type: str, servers: int = 0, shards: int = 1) -> Groups:
     """Create the DeviceMesh ``(pp, dp, tp)`` of the workers and its per-dimension groups, and with
     ``servers`` server ranks after them the groups a parameter server needs (collective call:
-    servers take part in creating every group)."""
+    servers take part in creating every group). ``shards`` > 1 splits each dp group into replicas
+    of ``shards`` consecutive dp ranks (``Groups.shard``) and the ranks at one place in every
+    replica (``Groups.replica``), for DiLoCo with data parallel inside its replicas."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -118,7 +122,8 @@ def build_groups(topology: Topology, device_type: str, servers: int = 0) -> Grou
     if not servers:
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
         groups = {d: mesh.get_group(d) for d in DIMS}
-        return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, embed=_embed_group(topology), **groups)
+        return Groups(topology=topology, rank=dist.get_rank(), mesh=mesh, embed=_embed_group(topology), **groups,
+                      **_replica_groups(topology, shards))
     rank = dist.get_rank()
     mesh = DeviceMesh(device_type, torch.arange(topology.world).view(shape), mesh_dim_names=DIMS)
     groups = {d: mesh.get_group(d) if rank < topology.world else None for d in DIMS}
@@ -128,6 +133,25 @@ def build_groups(topology: Topology, device_type: str, servers: int = 0) -> Grou
     ps = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return Groups(topology=topology, rank=rank, mesh=mesh, embed=embed, servers=servers, world=world, ps=ps,
                   server_group=server_group, **groups)
+
+
+def _replica_groups(topology: Topology, shards: int) -> dict:
+    """``shard`` and ``replica`` groups of this rank when each dp group is cut into replicas of
+    ``shards`` consecutive dp ranks (every rank creates every group, in the same order)."""
+    if shards <= 1:
+        return {}
+    import torch.distributed as dist
+
+    mine, rank = {}, dist.get_rank()
+    for ranks in topology.group_ranks("dp"):
+        parts = {"shard": [ranks[i:i + shards] for i in range(0, len(ranks), shards)],
+                 "replica": [ranks[i::shards] for i in range(shards)]}
+        for kind, lists in parts.items():
+            for members in lists:
+                group = dist.new_group(members)
+                if rank in members:
+                    mine[kind] = group
+    return mine
 
 
 def _embed_group(topology: Topology):

@@ -22,6 +22,12 @@ F64 = ("train.dtype=float64", "train.steps=6")
     "dp=2,tp=2,diloco.inner_steps=3,diloco.fragments=3",
     "dp=2,pp=2,diloco.inner_steps=2,diloco.fragments=2,diloco.quantize=bf16",
     "dp=4,diloco.inner_steps=2,diloco.outer_lr=1,diloco.outer_momentum=0",
+    # replicas of two dp ranks each: synchronous data parallel or ZeRO inside, DiLoCo between
+    "dp=4,diloco.replicas=2,diloco.inner_steps=2",
+    "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=2",
+    "dp=4,zero=2,diloco.replicas=2,diloco.inner_steps=3,diloco.fragments=3",
+    "dp=4,zero=3,diloco.replicas=2,diloco.inner_steps=2",
+    "dp=2,tp=2,zero=1,diloco.replicas=1,diloco.inner_steps=2",
 ], ids=layout_id)
 def test_diloco_equals_its_replicas_in_one_process(corpus_file, layout):
     row = verify_layout(tiny_config(corpus_file, *F64), layout)
@@ -38,6 +44,19 @@ def test_verify_catches_a_wrong_mean(corpus_file, monkeypatch):
     monkeypatch.setattr(diloco_mod.Exchange, "result", _unscaled)
     row = verify_layout(tiny_config(corpus_file, *F64), "dp=2,diloco.inner_steps=2")
     assert not row["ok"] and row["max_param_rel_diff"] > 1e-3, row
+
+
+def test_zero_inside_replicas_exchanges_over_the_replicas_only(corpus_file, monkeypatch):
+    """Caught by its reference: the exchange over every dp rank would average ZeRO's different
+    slices with each other."""
+    import torch.distributed as dist
+
+    from plait.parallel import hybrid
+
+    real = hybrid.DiLoCo  # at dp=4 alone, every rank is the dp group
+    monkeypatch.setattr(hybrid, "DiLoCo", lambda model, group, **kw: real(model, dist.group.WORLD, **kw))
+    row = verify_layout(tiny_config(corpus_file, *F64), "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=2")
+    assert not row["ok"], row
 
 
 def test_diloco_is_not_plain_data_parallel(corpus_file):
@@ -113,3 +132,28 @@ def test_diloco_sends_only_when_it_syncs(corpus_file, quantize, width):
         padded = params + params % 2  # the quantized exchange cuts the fragment into 2 equal chunks
         expect = params * 8 if quantize == "none" else padded * width + (8 if quantize == "fp8" else 0)
         assert sent[1] == sent[3] == expect, sent  # fp8: a float32 scale to the other rank, and one back
+
+
+def test_replicas_of_zero_ranks_checkpoint_replica_zero_and_resume(corpus_file, tmp_path):
+    """With ZeRO inside two replicas, replica 0's ranks write the checkpoint (replica 1 holds the
+    same slices and must not write them too): a step after a sync, when the replicas differ, it
+    holds rank 0's model, and a run resumes from it at the same layout and at another."""
+    from plait.checkpoint.export import load_for_inference
+    from plait.train.trainer import RunOptions, train_worker
+    from plait.verify import layout_config
+
+    base = tiny_config(corpus_file, *F64, "train.steps=3", "checkpoint.every=3")
+    layout = "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=2"
+    cfg, nproc = layout_config(base, parse_layouts(layout)[0])
+    out = tmp_path / "run"
+    out.mkdir()
+    got = run_local(train_worker, nproc, (cfg, RunOptions(out=out, progress=False, keep_params=True)), timeout_s=240)[0]
+    _, model, _ = load_for_inference(str(out / "checkpoints" / "step_000003"))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), got.params[name], rtol=0, atol=0, msg=name)
+    more = tiny_config(corpus_file, *F64, "train.steps=6")
+    for resumed in (layout, "dp=2,zero=3"):
+        cfg, nproc = layout_config(more, parse_layouts(resumed)[0])
+        opts = RunOptions(out=tmp_path / resumed, progress=False, resume=out / "checkpoints" / "step_000003")
+        (tmp_path / resumed).mkdir()
+        assert len(run_local(train_worker, nproc, (cfg, opts), timeout_s=240)[0].losses) == 3

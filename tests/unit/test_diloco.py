@@ -62,6 +62,8 @@ def test_quantized_mean_is_the_mean_within_the_format(fmt, tol):
     ("diloco.outer_momentum=1", "diloco.outer_momentum"),
     ("diloco.fragments=20", "diloco.fragments"),
     ("diloco.quantize=int4", "diloco.quantize"),
+    ("diloco.replicas=3", "diloco.replicas"),
+    ("diloco.replicas=-1", "diloco.replicas"),
 ])
 def test_bad_diloco_keys_name_the_field(item, field):
     cfg = C.load(None, ["diloco.inner_steps=10", item])
@@ -70,9 +72,12 @@ def test_bad_diloco_keys_name_the_field(item, field):
     assert str(e.value).startswith(field) and "\n" not in str(e.value)
 
 
-def test_diloco_with_zero_is_refused():
-    with pytest.raises(ConfigError, match="parallel.zero"):
+def test_diloco_with_zero_needs_replicas_of_several_ranks():
+    with pytest.raises(ConfigError, match="parallel.zero=1: ZeRO shards within a DiLoCo replica"):
         C.resolve(C.load(None, ["diloco.inner_steps=10", "parallel.zero=1"]), 2)
+    cfg = C.resolve(C.load(None, ["diloco.inner_steps=10", "parallel.zero=1", "diloco.replicas=2",
+                                  "train.micro_batch=4"]), 4)
+    assert C.diloco_shards(cfg.diloco, cfg.parallel) == 2
 
 
 def test_diloco_is_off_unless_a_key_is_given():

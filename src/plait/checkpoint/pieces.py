@@ -137,7 +137,7 @@ def places(pm) -> list[Place]:
             split = (dim, size, coord.tp_rank)
         dup = id(src) == copy and local_name == copy_name  # the output stage's copy of a tied weight
         writer = (tensor is not src or coord.dp_rank == 0) and \
-            (split is not None or coord.tp_rank == 0) and not dup
+            (split is not None or coord.tp_rank == 0) and not dup and not data.copy
         p = Place(tied.get(local_name, local_name), tensor, start, tuple(src.shape), split, writer)
         return Place(p.name, p.tensor, p.start, p.local_shape, p.split, p.writer, boxes_of(p))
 

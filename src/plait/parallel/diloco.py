@@ -152,9 +152,10 @@ def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class Fragment:
-    """Parameters synchronised together, their outer copy and its optimizer (Nesterov SGD)."""
+    """Tensors synchronised together (parameters, or under ZeRO inside a replica this rank's slices
+    of them), their outer copy and its optimizer (Nesterov SGD)."""
 
-    params: list[nn.Parameter]
+    params: list[torch.Tensor]
     outer: torch.Tensor  # flat, the parameters' dtype
     optimizer: torch.optim.SGD
     phase: int  # synced after the inner steps t with t % H == phase
@@ -163,29 +164,40 @@ class Fragment:
     def local(self) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in self.params])
 
+    @torch.no_grad()
     def assign(self, flat: torch.Tensor) -> None:
         for p, v in zip(self.params, comm.views_of(self.params, flat)):
-            p.data.copy_(v)
+            p.copy_(v)
 
 
 class DiLoCo(DataParallelStrand):
-    """Local training on each dp rank, synced every ``inner_steps`` (see the module docstring)."""
+    """Local training on each replica, synced every ``inner_steps`` (see the module docstring).
+
+    A replica is one dp rank, or with ``inner`` (a synchronous strand: data parallel or ZeRO over
+    the replica's dp ranks, ``Groups.shard``) several: the inner strand then owns gradients,
+    optimizer segments and checkpoints, and the exchange runs over ``group`` (``Groups.replica``:
+    the ranks holding the same slice in every replica) on this rank's segments only."""
 
     averages_grads = False  # an inner step's gradient is this replica's own
 
     def __init__(self, module: nn.Module, group, *, inner_steps: int, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, fragments: int = 1, quantize: str = "none",
-                 fragment_of: dict[str, int] | None = None, tally: comm.Tally | None = None):
+                 fragment_of: dict[str, int] | None = None, tally: comm.Tally | None = None,
+                 inner: DataParallelStrand | None = None):
         """``fragment_of``: name -> fragment (``fragment_names`` of the whole model; default: the
         local parameters split by bytes)."""
-        self.module, self.group, self.inner_steps = module, group, inner_steps
+        self.module, self.replicas, self.inner_steps, self.inner = module, group, inner_steps, inner
+        self.group = inner.group if inner is not None else group  # what gradients are sharded over
         self.exchange = Exchange(group, quantize, tally)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.segments = [(p, p) for _, p in named]
+        names = {id(p): n for n, p in module.named_parameters()}
+        self.segments = inner.segments if inner is not None else \
+            [(p, p) for p in module.parameters() if p.requires_grad]
+        named = [(names[id(src)], seg) for seg, src in self.segments if src.requires_grad]
+        self.copy = inner is not None and dist.get_rank(group) > 0  # another replica writes checkpoints
         if fragment_of is None:
-            parts = split_by_bytes([p for _, p in named], fragments)
+            parts = split_by_bytes([t for _, t in named], fragments)
         else:
-            parts = [[p for n, p in named if fragment_of[n] == i] for i in range(fragments)]
+            parts = [[t for n, t in named if fragment_of[n] == i] for i in range(fragments)]
         self.delay = 1 if fragments > 1 else 0  # streaming overlaps each exchange with the next step
         self.fragments = [self._fragment(ps, (i + 1) * inner_steps // fragments % inner_steps, outer_lr,
                                          outer_momentum) for i, ps in enumerate(parts)]
@@ -198,23 +210,61 @@ class DiLoCo(DataParallelStrand):
         return Fragment(params, outer, sgd, phase)
 
     # ---------------------------------------------------------------- the protocol
+    # With ``inner``, what happens within a replica is the inner strand's (over ``Groups.shard``).
+
+    @property
+    def shards_grads(self) -> bool:
+        return self.inner is not None and self.inner.shards_grads
+
+    @property
+    def isolated(self):
+        return self.inner.isolated if self.inner is not None else {}
 
     def no_sync(self):
-        """Nothing travels in backward anyway."""
-        return contextlib.nullcontext()
+        """Nothing travels in backward (a replica of several ranks: the inner strand's)."""
+        return self.inner.no_sync() if self.inner is not None else contextlib.nullcontext()
 
     def finish(self) -> None:
-        """The gradients are this replica's own: nothing to wait for."""
+        """The gradients are this replica's own: nothing to wait for (or the inner strand's)."""
+        if self.inner is not None:
+            self.inner.finish()
+
+    def begin_step(self) -> None:
+        if self.inner is not None:
+            self.inner.begin_step()
 
     def zero_grad(self) -> None:
         """Drop the gradients: nothing keeps them between steps (backward allocates them afresh,
-        which is cheaper than adding into zeroed ones)."""
+        which is cheaper than adding into zeroed ones); the inner strand zeroes its own."""
+        if self.inner is not None:
+            return self.inner.zero_grad()
         for p, _ in self.segments:
             p.grad = None
 
+    def tied_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        return self.inner.tied_grad(param) if self.inner is not None else param.grad
+
+    @contextlib.contextmanager
+    def gathered(self):
+        with self.inner.gathered() if self.inner is not None else contextlib.nullcontext():
+            yield
+
+    def places(self) -> list:
+        return self.inner.places() if self.inner is not None else super().places()
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return self.inner.param_groups(weight_decay) if self.inner is not None else super().param_groups(weight_decay)
+
     def after_step(self) -> None:
-        """After inner step t: merge the exchanges started ``delay`` steps ago, start those of
-        the fragments due at t (and merge them at once when nothing overlaps)."""
+        """After inner step t: the outer work on this rank's segments (below), then the inner
+        strand's (ZeRO-1/2: the all-gather of the updated slices, merged ones included)."""
+        self._outer_step()
+        if self.inner is not None:
+            self.inner.after_step()
+
+    def _outer_step(self) -> None:
+        """Merge the exchanges started ``delay`` steps ago, start those of the fragments due at
+        this step (and merge them at once when nothing overlaps)."""
         self.steps += 1
         for frag in self.fragments:
             if frag.pending is not None and self.delay:
@@ -231,6 +281,8 @@ class DiLoCo(DataParallelStrand):
         for frag in self.fragments:
             if frag.pending is not None:
                 self._merge(frag)
+        if self.inner is not None:  # every rank of the replica, merged slices or none of its own
+            self.inner.after_step()  # ZeRO-1/2: gather the merged slices
 
     def _merge(self, frag: Fragment) -> None:
         """The outer step on the fragment's mean pseudo-gradient; the replica continues from it,
@@ -245,6 +297,8 @@ class DiLoCo(DataParallelStrand):
     def loaded(self, step: int) -> None:
         """A resumed run: the outer parameters start from the loaded ones (replica 0's, saved at
         ``step``) and the sync phase from ``step``; the outer momentum starts afresh."""
+        if self.inner is not None:
+            self.inner.loaded(step)
         self.steps = step
         for frag in self.fragments:
             if frag.params:
@@ -254,13 +308,16 @@ class DiLoCo(DataParallelStrand):
 
     def grad_bytes(self) -> int:
         """The gradients a step holds (from backward to ``zero_grad``)."""
+        if self.inner is not None:
+            return self.inner.grad_bytes()
         return sum(p.numel() * p.element_size() for p, _ in self.segments)
 
     def steady_grad_bytes(self) -> int:
-        return 0
+        return self.inner.steady_grad_bytes() if self.inner is not None else 0
 
     def param_bytes(self) -> int:
-        """The replica's parameters, and the outer copy with its momentum."""
-        local = sum(p.numel() * p.element_size() for p, _ in self.segments)
+        """The replica's parameters (this rank's part), and the outer copy with its momentum."""
+        local = self.inner.param_bytes() if self.inner is not None else \
+            sum(p.numel() * p.element_size() for p, _ in self.segments)
         outer = sum(f.outer.numel() * f.outer.element_size() for f in self.fragments)
         return local + outer * (2 if self.fragments[0].optimizer.defaults["momentum"] else 1)

@@ -158,7 +158,7 @@ class ParallelModel:
                         tuple(s for s, src in self.data.segments if id(src) in copies))
         groups = NormGroups(self.tp.group if self.tp is not None else None,
                             self.groups.pp if self.pipeline is not None else None,
-                            self.groups.dp if self.data.shards_grads else None)
+                            self.data.group if self.data.shards_grads else None)  # the ranks sharing a gradient
         return sets, groups
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -376,16 +376,23 @@ def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: Pa
     """The data-parallel strand: DiLoCo if asked, else by ``p.zero``; under ZeRO this rank's copy
     of a tied weight split over pipeline stages gets storage of its own, so that its slices line up
     between the two stages."""
-    if diloco is not None:
-        return DiLoCo(model, groups.dp, inner_steps=diloco.inner_steps, outer_lr=diloco.outer_lr,
-                      outer_momentum=diloco.outer_momentum, fragments=diloco.fragments, quantize=diloco.quantize,
-                      fragment_of=fragments, tally=traffic.tally("diloco"))
+    if diloco is not None:  # replicas of several dp ranks hold a synchronous strand over them
+        inner = _sync_strand(model, desc, groups.shard, p, tied, traffic) if groups.shard is not None else None
+        return DiLoCo(model, groups.replica if inner is not None else groups.dp, inner_steps=diloco.inner_steps,
+                      outer_lr=diloco.outer_lr, outer_momentum=diloco.outer_momentum, fragments=diloco.fragments,
+                      quantize=diloco.quantize, fragment_of=fragments, tally=traffic.tally("diloco"), inner=inner)
+    return _sync_strand(model, desc, groups.dp, p, tied, traffic)
+
+
+def _sync_strand(model: nn.Module, desc: ModelDescription, group, p: ParallelConfig, tied: nn.Parameter | None,
+                 traffic: comm.Traffic) -> DataParallelStrand:
+    """Synchronous data parallel over ``group``, by ``p.zero``."""
     isolate = tied if p.zero else None
     if p.zero == 3:
-        return Zero3(model, groups.dp, units=desc.block_list(model), isolate=isolate, tally=traffic.tally("zero"))
+        return Zero3(model, group, units=desc.block_list(model), isolate=isolate, tally=traffic.tally("zero"))
     if p.zero:
-        return ZeroDataParallel(model, groups.dp, stage=p.zero, isolate=isolate, tally=traffic.tally("zero"))
-    return DataParallel(model, groups.dp, tally=traffic.tally("dp"))
+        return ZeroDataParallel(model, group, stage=p.zero, isolate=isolate, tally=traffic.tally("zero"))
+    return DataParallel(model, group, tally=traffic.tally("dp"))
 
 
 __all__ = ["ParallelModel", "parallelize"]

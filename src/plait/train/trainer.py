@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import comm
 from ..checkpoint import Checkpointer, restore
-from ..config import RunConfig, microbatches, servers, slow_worker, step_tokens, to_toml
+from ..config import RunConfig, diloco_shards, microbatches, servers, slow_worker, step_tokens, to_toml
 from ..errors import ConfigError
 from ..models import build, generate, num_params
 from ..models.description import IGNORE, ModelDescription
@@ -111,7 +111,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, corpus: Corpus, device: torch.device, groups: Groups | None = None):
         p, t = cfg.parallel, cfg.train
         self.cfg, self.device = cfg, device
-        self.groups = groups or build_groups(Topology.of(p), device.type)
+        self.groups = groups or build_groups(Topology.of(p), device.type, shards=diloco_shards(cfg.diloco, p))
         self.coord = self.groups.coord
         self.pm, self.model_params = build_parallel(cfg, self.groups, device)  # params: the whole model's
         self.model = self.pm.module
@@ -226,7 +226,7 @@ def masking(cfg: RunConfig, desc: ModelDescription) -> Masking | None:
 def train_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult | None:
     """Everything one rank does for ``plait train`` (and for verify, without outputs)."""
     device = comm.pick_device()
-    groups = build_groups(Topology.of(cfg.parallel), device.type, servers(cfg))
+    groups = build_groups(Topology.of(cfg.parallel), device.type, servers(cfg), diloco_shards(cfg.diloco, cfg.parallel))
     setup_logging(groups.prefix)
     if groups.is_server:
         from ..parallel.ps import ParameterServer
