@@ -35,7 +35,8 @@ def schedule_variants() -> list[str]:
 
 
 DILOCO_LAYOUTS = ("dp=2,diloco.inner_steps=5", "dp=2,diloco.inner_steps=8,diloco.fragments=4,diloco.quantize=fp8",
-                  "dp=2,tp=2,diloco.inner_steps=5,diloco.fragments=2")
+                  "dp=2,tp=2,diloco.inner_steps=5,diloco.fragments=2",
+                  "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=5")
 PS_LAYOUTS = ("dp=2,ps.servers=1,ps.mode=sync", "dp=2,ps.servers=2", "dp=1,pp=2,ps.servers=1")
 RECOMPUTE_LAYOUTS = ("dp=2,recompute=full", "tp=2,sequence_parallel=true,recompute=selective",
                      "pp=2,schedule=zb,recompute=full")
@@ -44,7 +45,8 @@ RECOMPUTE_LAYOUTS = ("dp=2,recompute=full", "tp=2,sequence_parallel=true,recompu
 def standard_matrix() -> str:
     """Every factorisation of 2 and 4 processes over (dp, tp, pp), crossed with zero 0-3 where
     dp > 1 and with the schedules where pp > 1, plus dp=2,tp=2,pp=2 (8 processes), plus DiLoCo
-    (plain, streaming in fp8, and with tp inside the replicas; each against its own reference),
+    (plain, streaming in fp8, with tp inside the replicas, with ZeRO-1 inside replicas of two ranks;
+    each against its own reference),
     plus the synchronous parameter server (one and two servers, a pipeline worker), plus activation
     recomputation (full under dp, selective under tp with sequence parallel, full under zero bubble)."""
     layouts = []

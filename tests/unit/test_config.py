@@ -126,11 +126,12 @@ def test_standard_verify_matrix():
 
     layouts = parse_layouts(standard_matrix())
     names = [layout_name(lay) for lay in layouts]
-    assert len(names) == 52 and names[-10] == "dp=2,tp=2,pp=2" and names[-9] == "dp=2,diloco.inner_steps=5"
+    assert len(names) == 53 and names[-11] == "dp=2,tp=2,pp=2" and names[-10] == "dp=2,diloco.inner_steps=5"
+    assert names[-7] == "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=5"
     assert names[-6:-3] == ["dp=2,ps.servers=1,ps.mode=sync", "dp=2,ps.servers=2", "dp=1,pp=2,ps.servers=1"]
     assert names[-3:] == ["dp=2,recompute=full", "tp=2,sequence_parallel=true,recompute=selective",
                           "pp=2,schedule=zb,recompute=full"]
     assert "dp=2,tp=1,pp=2,zero=3,schedule=zb" in names and "dp=1,tp=4,pp=1" in names
     base = C.load(None, ["train.micro_batch=2", "model.flavour=llama", "model.layers=8"])
     kept = runnable(base, layouts)
-    assert len(kept) == 52  # llama with 8 layers runs every layout of the matrix
+    assert len(kept) == 53  # llama with 8 layers runs every layout of the matrix
