@@ -102,7 +102,7 @@ class DilocoConfig:
     outer_momentum: float = 0.9  # Nesterov; outer_lr=1, momentum=0 is local SGD (model averaging)
     fragments: int = 1  # streaming DiLoCo: the parameters in F fragments synchronised in turn
     quantize: str = "none"  # what the pseudo-gradients travel as: none (their dtype), bf16, fp8
-    replicas: int = 0  # 0: every dp rank a replica; R < dp: R replicas of dp/R ranks (dp or ZeRO inside)
+    replicas: int = 0  # 0: every dp rank a replica; R < dp: R replicas of dp/R ranks with ZeRO inside
 
 
 @dataclass(frozen=True)
@@ -591,6 +591,9 @@ def _validate_diloco(d: DilocoConfig, p: ParallelConfig) -> None:
     if p.zero and diloco_shards(d, p) == 1:
         raise ConfigError("parallel.zero", p.zero, "ZeRO shards within a DiLoCo replica, and each dp rank is one: "
                           f"give diloco.replicas < dp={p.dp} (e.g. {max(p.dp // 2, 1)}), or zero=0")
+    if not p.zero and diloco_shards(d, p) > 1:
+        raise ConfigError("diloco.replicas", d.replicas, f"replicas of {diloco_shards(d, p)} dp ranks shard their "
+                          "state with ZeRO: give parallel.zero 1, 2 or 3 (each rank then exchanges its own slices)")
 
 
 def diloco_shards(d: DilocoConfig | None, p: ParallelConfig) -> int:

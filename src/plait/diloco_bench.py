@@ -102,6 +102,9 @@ def check_diloco(cfg: RunConfig) -> None:
     d = cfg.diloco
     if d is None:
         raise ConfigError("diloco.inner_steps", "", "plait bench diloco needs DiLoCo's H, e.g. diloco.inner_steps=8")
+    if d.replicas not in (0, cfg.parallel.dp):
+        raise ConfigError("diloco.replicas", d.replicas, "plait bench diloco races one-rank replicas, as torchft's "
+                          "DiLoCo here holds them: leave diloco.replicas out")
     if d.fragments > 1 and (d.inner_steps % d.fragments or d.inner_steps // d.fragments < 2):
         raise ConfigError("diloco.fragments", d.fragments, f"torchft's streaming DiLoCo needs fragments to divide "
                           f"inner_steps={d.inner_steps} at least twice over (a sync delay of one step)")

@@ -161,6 +161,10 @@ def own_reference(cfg: C.RunConfig) -> tuple | None:
                           "timing: verify takes ps.mode=sync, which equals one process")
     if cfg.diloco is None:
         return None
+    if cfg.diloco.quantize != "none" and C.diloco_shards(cfg.diloco, cfg.parallel) > 1:
+        raise ConfigError("--layouts", f"diloco.quantize={cfg.diloco.quantize}", "replicas of several ranks "
+                          "round each rank's slices on their own, which the one-process reference cannot: verify "
+                          "them unquantized")
     return ("diloco", cfg.parallel.dp, cfg.diloco)
 
 

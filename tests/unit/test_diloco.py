@@ -78,6 +78,8 @@ def test_diloco_with_zero_needs_replicas_of_several_ranks():
     cfg = C.resolve(C.load(None, ["diloco.inner_steps=10", "parallel.zero=1", "diloco.replicas=2",
                                   "train.micro_batch=4"]), 4)
     assert C.diloco_shards(cfg.diloco, cfg.parallel) == 2
+    with pytest.raises(ConfigError, match="diloco.replicas=2: replicas of 2 dp ranks shard their state with ZeRO"):
+        C.resolve(C.load(None, ["diloco.inner_steps=10", "diloco.replicas=2", "train.micro_batch=4"]), 4)
 
 
 def test_diloco_is_off_unless_a_key_is_given():

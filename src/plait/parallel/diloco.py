@@ -2,7 +2,10 @@
 
 Each dp rank is a replica (Douillard et al. 2023). With tensor or pipeline parallel inside a
 replica, this strand works on the rank's own shard, and its dp group joins the ranks that hold the
-same shard in every replica.
+same shard in every replica. With ``diloco.replicas`` below dp, a replica is several dp ranks
+holding ZeRO over them (``Groups.shard``: the inner strand's traffic every step), and the
+exchange below runs over ``Groups.replica`` (the ranks with the same slice in every replica) on
+this rank's slices.
 
 - forward and backward: nothing travels over dp. Gradients stay local; each replica clips by its
   own norm and takes its own AdamW step (the inner optimizer).
@@ -246,6 +249,7 @@ class DiLoCo(DataParallelStrand):
 
     @contextlib.contextmanager
     def gathered(self):
+        """The whole local model readable (ZeRO-3 inside: gathered over the replica's ranks)."""
         with self.inner.gathered() if self.inner is not None else contextlib.nullcontext():
             yield
 
@@ -256,8 +260,9 @@ class DiLoCo(DataParallelStrand):
         return self.inner.param_groups(weight_decay) if self.inner is not None else super().param_groups(weight_decay)
 
     def after_step(self) -> None:
-        """After inner step t: the outer work on this rank's segments (below), then the inner
-        strand's (ZeRO-1/2: the all-gather of the updated slices, merged ones included)."""
+        """After inner step t: the outer work on this rank's segments (below: exchanges over the
+        replicas' group), then the inner strand's (ZeRO-1/2: the all-gather of the updated slices,
+        merged ones included, over the replica's own ranks)."""
         self._outer_step()
         if self.inner is not None:
             self.inner.after_step()
@@ -281,8 +286,8 @@ class DiLoCo(DataParallelStrand):
         for frag in self.fragments:
             if frag.pending is not None:
                 self._merge(frag)
-        if self.inner is not None:  # every rank of the replica, merged slices or none of its own
-            self.inner.after_step()  # ZeRO-1/2: gather the merged slices
+        if self.inner is not None and self.delay:  # streaming merged now: every rank of the replica
+            self.inner.after_step()  # gathers (ZeRO-1/2), whether or not it held a slice of them
 
     def _merge(self, frag: Fragment) -> None:
         """The outer step on the fragment's mean pseudo-gradient; the replica continues from it,

@@ -373,11 +373,15 @@ def _norm_counts(model: nn.Module, tp: TensorParallel | None, second: set[str], 
 def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: ParallelConfig,
                  tied: nn.Parameter | None, traffic: comm.Traffic, diloco: DilocoConfig | None,
                  fragments: dict[str, int] | None) -> DataParallelStrand:
-    """The data-parallel strand: DiLoCo if asked, else by ``p.zero``; under ZeRO this rank's copy
+    """The data-parallel strand: DiLoCo if asked (with ZeRO over ``groups.shard`` inside replicas of
+    several dp ranks, exchanging over ``groups.replica``), else by ``p.zero`` over dp; under ZeRO this rank's copy
     of a tied weight split over pipeline stages gets storage of its own, so that its slices line up
     between the two stages."""
-    if diloco is not None:  # replicas of several dp ranks hold a synchronous strand over them
-        inner = _sync_strand(model, desc, groups.shard, p, tied, traffic) if groups.shard is not None else None
+    if diloco is not None:  # replicas of several dp ranks hold ZeRO over them
+        shards = p.dp // diloco.replicas if diloco.replicas else 1
+        if shards > 1 and (groups.shard is None or comm.group_size(groups.shard) != shards):
+            raise ValueError(f"diloco.replicas={diloco.replicas} needs build_groups(..., shards={shards})")
+        inner = _sync_strand(model, desc, groups.shard, p, tied, traffic) if shards > 1 else None
         return DiLoCo(model, groups.replica if inner is not None else groups.dp, inner_steps=diloco.inner_steps,
                       outer_lr=diloco.outer_lr, outer_momentum=diloco.outer_momentum, fragments=diloco.fragments,
                       quantize=diloco.quantize, fragment_of=fragments, tally=traffic.tally("diloco"), inner=inner)

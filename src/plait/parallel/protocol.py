@@ -40,7 +40,7 @@ class DataParallelStrand(abc.ABC):
 
     shards_grads: bool = False  # each dp rank holds a slice of every gradient: norms sum over dp
     lockstep: bool = True  # every rank takes the same steps together (an asynchronous server: False)
-    averages_grads: bool = True  # a step's gradient is the mean over dp (DiLoCo's inner steps, async pushes: own)
+    averages_grads: bool = True  # a step's gradient is the mean over dp (DiLoCo, async pushes: a replica's own)
     copy: bool = False  # this rank's segments are a copy another rank writes to checkpoints (a DiLoCo replica > 0)
     clips_itself: bool = False  # the strand clips by the global norm itself (and reports it in last_norm)
     last_norm: float = 0.0
