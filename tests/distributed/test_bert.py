@@ -37,16 +37,18 @@ def test_masked_batches_follow_bert(corpus_file):
     cfg = tiny_config(corpus_file, "model.seq_len=64")
     tokens = load_corpus(cfg.data, 64, progress=False).train
     m = Masking(mask_id=0, vocab=256)
-    x, y = Sampler(tokens, 64, 64, 7, 0, 1, m).batch(3)
+    x, y, every = Sampler(tokens, 64, 64, 7, 0, 1, m).draw(3)
     plain, _ = Sampler(tokens, 64, 64, 7, 0, 1).batch(3)
     chosen = y != IGNORE
+    assert every == int(chosen.sum())  # the whole batch's count, as each dp rank reports it below
     assert 0.12 < chosen.float().mean() < 0.18
     assert torch.equal(y[chosen], plain[chosen]) and torch.equal(x[~chosen], plain[~chosen])
     masked = (x[chosen] == 0).float().mean()
     kept = (x[chosen] == plain[chosen]).float().mean()
     assert 0.7 < masked < 0.9 and 0.04 < kept < 0.2
-    halves = [Sampler(tokens, 64, 64, 7, r, 2, m).batch(3) for r in (0, 1)]
+    halves = [Sampler(tokens, 64, 64, 7, r, 2, m).draw(3) for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
+    assert [h[2] for h in halves] == [every, every]
 
 
 # ---------------------------------------------------------------- token classification

@@ -102,3 +102,36 @@ def test_finetune_needs_an_encoder_and_its_data(bert_folder, tmp_path):
         r = plait("finetune", "--task", "token-classification", *args, "--nproc", "1")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and part in lines[0], r.stderr[-2000:]
+
+
+def test_refusals_before_anything_runs(bert_folder, tmp_path, monkeypatch, capsys):
+    """One line each: a BERT folder without its tokenizer (finetune needs its sub-words), a
+    tokenizer without [MASK] for masked-language modelling, finetune under torchrun."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    from plait import cli
+    from plait import config as C
+    from plait.errors import ConfigError
+    from plait.finetune.ner import check
+    from plait.models.bert import Bert
+    from plait.train.trainer import masking
+
+    bare = tmp_path / "bare"  # a real BERT's vocabulary (above 256), its tokenizer left behind
+    bare.mkdir()
+    shutil.copy(bert_folder / "model.safetensors", bare / "model.safetensors")
+    hf = json.loads((bert_folder / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**hf, "vocab_size": 30522}))
+    with pytest.raises(ConfigError, match=r"^data.tokenizer='': .* has no tokenizer.json"):
+        check(C.resolve(C.load(None, [f"model.init_from={bare}"]), 1))
+    no_mask = tmp_path / "words.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "alice": 1}, unk_token="[UNK]")).save(str(no_mask))
+    cfg = C.resolve(C.load(None, [f"model.init_from={bert_folder}", f"data.tokenizer={no_mask}"]), 1)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer=.*has no \[MASK\] token"):
+        masking(cfg, Bert(cfg.model).describe())
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    code = cli.main(["finetune", "--task", "token-classification", "--data", str(tmp_path),
+                     "--set", f"model.init_from={bert_folder}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "finetune='torchrun'" in err[0], err

@@ -146,3 +146,17 @@ def test_verify_refuses_an_asynchronous_server_and_keys_diloco_by_its_replicas()
     a, b = (own_reference(layout_config(base, parse_layouts(x)[0])[0])
             for x in ("dp=2,diloco.inner_steps=4", "dp=2,tp=2,diloco.inner_steps=4"))
     assert a == b and a[:2] == ("diloco", 2)  # tp inside the replicas shares the reference
+
+
+def test_replicas_of_several_ranks_are_refused_where_no_reference_or_peer_fits():
+    """verify cannot hold a quantized exchange of slices to its reference, and torchft's DiLoCo in
+    plait bench diloco holds one-rank replicas: one line each."""
+    from plait.diloco_bench import check_diloco
+    from plait.verify import own_reference
+
+    cfg = C.resolve(C.load(None, ["diloco.inner_steps=4", "diloco.replicas=2", "diloco.quantize=fp8",
+                                  "parallel.zero=1", "train.micro_batch=4"]), 4)
+    with pytest.raises(ConfigError, match="^--layouts='diloco.quantize=fp8': replicas of several ranks"):
+        own_reference(cfg)
+    with pytest.raises(ConfigError, match="^diloco.replicas=2: plait bench diloco races one-rank replicas"):
+        check_diloco(cfg)

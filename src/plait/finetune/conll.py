@@ -10,6 +10,7 @@ are byte-level: their UTF-8 bytes, separated by a space.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,11 @@ class Encoded:
     padding: torch.Tensor
     targets: torch.Tensor
     firsts: list[list[int]]
+
+    @functools.cached_property
+    def labelled(self) -> torch.Tensor:
+        """(N,) the words with a target in each sentence (counted once, read every step)."""
+        return (self.targets != IGNORE).sum(dim=1)
 
     def inputs(self, rows) -> dict[str, torch.Tensor]:
         return {"tokens": self.tokens[rows], "padding": self.padding[rows]}

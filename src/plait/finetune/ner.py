@@ -27,16 +27,15 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..config import RunConfig, step_tokens
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..models.bert import Bert
-from ..models.description import IGNORE
 from ..parallel.hybrid import ParallelModel, parallelize
 from ..seeds import seed_for
 from ..topology import Topology, build_groups, setup_logging
 from ..train.metrics import MetricsWriter
 from ..train.optim import build_optimizer, lr_at, set_lr
-from ..train.trainer import autocast_context, autocast_dtype, param_dtype
+from ..train.trainer import autocast_context, autocast_dtype, fresh_model
 from .conll import Encoded, Sentence, step_rows
 
 log = logging.getLogger(__name__)
@@ -61,17 +60,15 @@ class FinetuneResult:
 
 
 def build_tagger(cfg: RunConfig, labels: list[str], device: torch.device) -> Bert:
-    """The encoder with a token-classification head, the same on every rank (seeded); the
-    encoder's weights from ``model.init_from`` when given. The classifier starts fresh, unless the
-    folder is a tagger for exactly these labels in this order (fine-tuning goes on)."""
-    torch.manual_seed(seed_for(cfg.train.seed, "init"))
-    model = Bert(cfg.model, head="token", labels=len(labels))
-    if cfg.model.init_from:
-        from ..models.hf import load_weights
+    """The encoder with a token-classification head (``fresh_model``: the same on every rank, the
+    encoder's weights from ``model.init_from``). The classifier starts fresh, unless the folder is
+    a tagger for exactly these labels in this order (fine-tuning goes on)."""
+    def make():
+        model = Bert(cfg.model, head="token", labels=len(labels))
+        return model, model.describe()
 
-        same = _folder_labels(cfg.model.init_from) == labels
-        load_weights(model, cfg.model, cfg.model.init_from, skip=() if same else ("classifier.",))
-    return model.to(device=device, dtype=param_dtype(cfg))
+    same = bool(cfg.model.init_from) and _folder_labels(cfg.model.init_from) == labels
+    return fresh_model(cfg, device, make, skip=() if same else ("classifier.",))[0]
 
 
 def _folder_labels(folder: str) -> list[str]:
@@ -89,7 +86,7 @@ class Tagger:
         model = build_tagger(cfg, data.labels, device)
         sample = {"tokens": torch.zeros((1, data.length), dtype=torch.long, device=device)}
         self.pm: ParallelModel = parallelize(model, model.describe(), groups, cfg.parallel, seed=cfg.train.seed,
-                                             tokens_per_step=step_tokens(cfg) // cfg.model.seq_len * data.length,
+                                             tokens_per_step=cfg.train.global_batch // cfg.parallel.dp * data.length,
                                              sample=sample, recompute=cfg.train.recompute)
         self.optimizer = build_optimizer(self.pm.param_groups(cfg.train.weight_decay), cfg.train)
         torch.manual_seed(seed_for(cfg.train.seed, "dropout", dp_rank=self.coord.dp_rank, pp_rank=self.coord.pp_rank))
@@ -114,8 +111,7 @@ class Tagger:
         rows = step_rows(len(train), t.global_batch, step, seed_for(t.seed, "data"))
         share = t.global_batch // p.dp
         mine = rows[self.coord.dp_rank * share:(self.coord.dp_rank + 1) * share]
-        labelled = train.targets != IGNORE  # every labelled word of the step weighs alike, at any layout
-        targets = (int(labelled[rows].sum()), int(labelled[mine].sum()))
+        targets = (int(train.labelled[rows].sum()), int(train.labelled[mine].sum()))  # every word weighs alike
         loss, norm = self.pm.train_step(self._micro(train, mine), self.optimizer, t.grad_clip, self._autocast,
                                         targets=targets)
         dt = time.perf_counter() - t0
@@ -134,12 +130,12 @@ class Tagger:
         self.pm.module.eval()
         found: dict[int, list[int]] = {}
         for b in range(batches):
-            rows = mine[b * mb:(b + 1) * mb] or [0]  # a rank out of sentences runs one it throws away
-            inputs = {k: v.to(self.device) for k, v in enc.inputs(rows).items()}
-            with self._autocast():
+            real = mine[b * mb:(b + 1) * mb]
+            inputs = {k: v.to(self.device) for k, v in enc.inputs(real or [0]).items()}  # out of sentences: a
+            with self._autocast():                                                    # forward it throws away
                 logits = self.pm.full_logits(inputs)[..., :len(self.data.labels)]
             best = logits.argmax(-1).cpu()
-            for i, r in enumerate(rows if mine[b * mb:(b + 1) * mb] else []):
+            for i, r in enumerate(real):
                 found[r] = [int(best[i, pos]) if pos >= 0 else 0 for pos in enc.firsts[r]]
         self.pm.module.train()
         parts: list = [None] * self.cfg.parallel.dp

@@ -114,7 +114,8 @@ class ParallelModel:
         if targets is None:
             return lambda out, y: self.loss(out, y) / micro_batches
         every, mine = targets
-        scale = self.dp / max(every, 1) if self.data.averages_grads else 1 / max(mine, 1)
+        averaged = self.data.averages_grads and self.dp > 1  # at dp=1 this rank's targets are the step's
+        scale = self.dp / max(every, 1) if averaged else 1 / max(mine, 1)
         return lambda out, y: self.loss(out, y, "sum") * scale
 
     def finish_grads(self) -> None:

@@ -69,18 +69,15 @@ def tokenize(files: list[Path], progress: bool = True, tokenizer: str = "") -> P
     with ``tokenizer`` (a tokenizer.json) its ids instead (``TOKEN_DTYPES`` by the file's suffix)."""
     if tokenizer:
         return _encode_files(files, progress, tokenizer)
-    out = cache_dir() / f"corpus-{_fingerprint(files)}.u8"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as w:
-        for f in tqdm(files, desc="tokenising corpus", unit="file", disable=not progress, leave=False):
-            data = f.read_bytes()
-            if data and b"\0" not in data:
-                w.write(data if data.endswith(b"\n") else data + b"\n")
-    os.replace(tmp, out)  # atomic: concurrent ranks under torchrun may both build it
-    return out
+
+    def write(w, bar) -> None:
+        for f in files:
+            text = _text_of(f)
+            if text:
+                w.write(text)
+            bar.update(1)
+
+    return _cached(cache_dir() / f"corpus-{_fingerprint(files)}.u8", len(files), progress, write)
 
 
 def _encode_files(files: list[Path], progress: bool, path: str) -> Path:
@@ -90,33 +87,48 @@ def _encode_files(files: list[Path], progress: bool, path: str) -> Path:
     tok = load_tokenizer(path)
     key = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:12]
     suffix = ".u16" if vocab_size(tok) <= 65535 else ".u32"
-    out = cache_dir() / f"corpus-{_fingerprint(files)}-tok{key}{suffix}"
+
+    def write(w, bar) -> None:
+        for texts, read in _text_batches(files):
+            for enc in tok.encode_batch(texts, add_special_tokens=False):
+                np.asarray(enc.ids, dtype=TOKEN_DTYPES[suffix]).tofile(w)
+            bar.update(read)
+
+    return _cached(cache_dir() / f"corpus-{_fingerprint(files)}-tok{key}{suffix}", len(files), progress, write)
+
+
+def _cached(out: Path, files: int, progress: bool, write) -> Path:
+    """``out``, built once: ``write(file, bar)`` fills a temporary file (``bar`` counts ``files``),
+    renamed into place atomically (concurrent ranks under torchrun may both build it)."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    dtype = TOKEN_DTYPES[suffix]
-    with open(tmp, "wb") as w, tqdm(total=len(files), desc="tokenising corpus", unit="file", disable=not progress,
+    with open(tmp, "wb") as w, tqdm(total=files, desc="tokenising corpus", unit="file", disable=not progress,
                                     leave=False) as bar:
-        for texts, read in _text_batches(files):
-            for enc in tok.encode_batch(texts, add_special_tokens=False):
-                np.asarray(enc.ids, dtype=dtype).tofile(w)
-            bar.update(read)
-    os.replace(tmp, out)  # atomic, as for bytes
+        write(w, bar)
+    os.replace(tmp, out)
     return out
+
+
+def _text_of(f: Path) -> bytes | None:
+    """A text file's bytes ending in a newline; None for an empty or binary one (holding NUL)."""
+    data = f.read_bytes()
+    if not data or b"\0" in data:
+        return None
+    return data if data.endswith(b"\n") else data + b"\n"
 
 
 def _text_batches(files: list[Path]):
     """(texts, files read) in batches of about ``ENCODE_CHUNK`` characters: each text file's
-    contents ending in a newline, as for bytes (binary files, those holding NUL, skipped)."""
+    contents as ``_text_of`` gives them, decoded (binary files skipped)."""
     texts: list[str] = []
     size = read = 0
     for f in files:
-        data, read = f.read_bytes(), read + 1
-        if data and b"\0" not in data:
-            text = data.decode("utf-8", errors="replace")
-            texts.append(text if text.endswith("\n") else text + "\n")
-            size += len(text)
+        data, read = _text_of(f), read + 1
+        if data:
+            texts.append(data.decode("utf-8", errors="replace"))
+            size += len(texts[-1])
         if size >= ENCODE_CHUNK:
             yield texts, read
             texts, size, read = [], 0, 0
@@ -174,21 +186,19 @@ class Masking:
     vocab: int = VOCAB
     fraction: float = 0.15
 
-    def count(self, rng: np.random.Generator, shape: tuple[int, int]) -> int:
-        """How many positions ``apply`` with this ``rng`` chooses over the whole (rows, seq) batch."""
-        return int((rng.random(shape) < self.fraction).sum())
-
     def apply(self, x: torch.Tensor, rng: np.random.Generator, rows: int, share: slice):
-        """(inputs, targets) of the windows ``x``, which are rows ``share`` of ``rows``; the draws
-        cover all ``rows``, so every dp rank masks its share as one process masks the whole."""
+        """(inputs, targets, positions chosen over all ``rows``) of the windows ``x``, which are rows
+        ``share`` of ``rows``; the draws cover all ``rows``, so every dp rank masks its share as one
+        process masks the whole, and knows the whole batch's count of targets."""
         shape = (rows, x.shape[1])
-        chosen, how = rng.random(shape)[share] < self.fraction, rng.random(shape)[share]
+        every = rng.random(shape) < self.fraction
+        chosen, how = every[share], rng.random(shape)[share]
         random_tok = torch.from_numpy(rng.integers(0, self.vocab, shape)[share])
         chosen_t, how_t = torch.from_numpy(chosen), torch.from_numpy(how)
         targets = x.masked_fill(~chosen_t, IGNORE)
         inputs = torch.where(chosen_t & (how_t < 0.8), torch.full_like(x, self.mask_id), x)
         inputs = torch.where(chosen_t & (how_t >= 0.8) & (how_t < 0.9), random_tok, inputs)
-        return inputs, targets
+        return inputs, targets, int(every.sum())
 
 
 class Sampler:
@@ -207,24 +217,19 @@ class Sampler:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (global_batch/dp, seq_len), of this rank for ``step``: the next
         tokens, or with ``masking`` the window masked and its targets at the masked positions."""
+        return self.draw(step)[:2]
+
+    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``batch`` and the targets in the whole global batch of ``step`` (every dp rank's: every
+        token of every window, or the masked positions), known without communication."""
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch)
         n = self.global_batch // self.dp
         share = slice(self.dp_rank * n, (self.dp_rank + 1) * n)
         x, y = _windows(self.tokens, starts[share], self.seq_len)
         if self.masking is None:
-            return x, y
-        return self.masking.apply(x, self._mask_rng(step), self.global_batch, share)
-
-    def targets(self, step: int) -> int:
-        """Targets in the whole global batch of ``step`` (every dp rank's): every token of every
-        window, or with ``masking`` the masked positions. No communication: every rank draws alike."""
-        if self.masking is None:
-            return self.global_batch * self.seq_len
-        return self.masking.count(self._mask_rng(step), (self.global_batch, self.seq_len))
-
-    def _mask_rng(self, step: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, step, 1])
+            return x, y, self.global_batch * self.seq_len
+        return self.masking.apply(x, np.random.default_rng([self.seed, step, 1]), self.global_batch, share)
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: int, masking: Masking | None = None):
@@ -234,7 +239,7 @@ def val_batches(tokens: np.ndarray, seq_len: int, count: int, dp_rank: int, dp: 
     x, y = _windows(tokens, starts[dp_rank::dp], seq_len)
     if masking is None:
         return x, y
-    return masking.apply(x, np.random.default_rng(VAL_MASK_SEED), count, slice(dp_rank, None, dp))
+    return masking.apply(x, np.random.default_rng(VAL_MASK_SEED), count, slice(dp_rank, None, dp))[:2]
 
 
 VAL_MASK_SEED = 20190524  # validation's masks are fixed: the same positions at every evaluation

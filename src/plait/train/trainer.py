@@ -81,16 +81,19 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def fresh_model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, ModelDescription]:
-    """The model of ``cfg`` and its description, the same on every rank (seeded), on ``device``
-    in the run's parameter dtype (on the meta device: shapes only, nothing allocated)."""
+def fresh_model(cfg: RunConfig, device: torch.device, make=None, skip: tuple[str, ...] = ()
+                ) -> tuple[nn.Module, ModelDescription]:
+    """The model of ``cfg`` (or of ``make()``, which returns it and its description) and its
+    description, the same on every rank (seeded), with ``model.init_from``'s weights (but those
+    named from ``skip`` on), on ``device`` in the run's parameter dtype (on the meta device: shapes
+    only, nothing allocated)."""
     torch.manual_seed(seed_for(cfg.train.seed, "init"))
     with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
-        model, desc = build(cfg.model)
+        model, desc = make() if make is not None else build(cfg.model)
     if cfg.model.init_from and device.type != "meta":  # a Hugging Face folder's weights
         from ..models.hf import load_weights
 
-        load_weights(model, cfg.model, cfg.model.init_from)
+        load_weights(model, cfg.model, cfg.model.init_from, skip)
     return model.to(device=device, dtype=param_dtype(cfg)), desc
 
 
@@ -143,13 +146,11 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg.train)
         set_lr(self.optimizer, lr)
-        x, y = self.sampler.batch(step)
+        x, y, every = self.sampler.draw(step)
         micro = self._micro_batches(x, y)
         first = step == self.first_step  # the activations are measured on this process's first step
-        targets = None  # masked windows hold different numbers of targets: every target weighs alike
-        if self.masking is not None:
-            mine = int((y != IGNORE).sum())
-            targets = (self.sampler.targets(step) if self.pm.dp > 1 else mine, mine)
+        # masked windows hold different numbers of targets: every target of the step weighs alike
+        targets = (every, int((y != IGNORE).sum())) if self.masking is not None else None
         loss, grad_norm = self.pm.train_step(micro, self.optimizer, self.cfg.train.grad_clip, self._autocast,
                                              self.meter if first else None, self.slowdown, targets)
         if first:
