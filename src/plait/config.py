@@ -26,6 +26,7 @@ else:  # pragma: no cover
 FLAVOURS = ("gpt2", "llama", "bert")  # bert is an encoder: train and verify teach it masked-language modelling
 DTYPES = ("auto", "float32", "float64", "bfloat16")
 QUANTIZE = ("none", "bf16", "fp8")
+MOMENTUM_RAMPS = ("nesterov", "none")  # DiLoCo's outer momentum over the first syncs
 PS_MODES = ("sync", "async", "ssp")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -100,6 +101,7 @@ class DilocoConfig:
     inner_steps: int = 0  # H, local steps between syncs; must be given (>= 1)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9  # Nesterov; outer_lr=1, momentum=0 is local SGD (model averaging)
+    momentum_ramp: str = "nesterov"  # the momentum of sync t: min(outer_momentum, (t-1)/(t+2)); none: constant
     fragments: int = 1  # streaming DiLoCo: the parameters in F fragments synchronised in turn
     quantize: str = "none"  # what the pseudo-gradients travel as: none (their dtype), bf16, fp8
     replicas: int = 0  # 0: every dp rank a replica; R < dp: R replicas of dp/R ranks with ZeRO inside
@@ -113,6 +115,7 @@ class PsConfig:
     mode: str = "sync"  # sync (one update from the mean), async (each gradient as it comes), ssp
     staleness: int = 2  # ssp: no worker more than this many pushes ahead of the slowest
     staleness_lr: bool = False  # async / ssp: divide a gradient's learning rate by its staleness
+    lookahead: bool = True  # async / ssp: send the parameters moved on by the worker's staleness x the last update
     slow_worker: str = ""  # "W:F": worker (dp rank) W takes F times as long a step (tests, demos)
 
 
@@ -580,6 +583,9 @@ def _validate_diloco(d: DilocoConfig, p: ParallelConfig) -> None:
                           "outer_momentum=0 averages the models)")
     if not 0 <= d.outer_momentum < 1:
         raise ConfigError("diloco.outer_momentum", d.outer_momentum, "must be in [0, 1)")
+    if d.momentum_ramp not in MOMENTUM_RAMPS:
+        raise ConfigError("diloco.momentum_ramp", d.momentum_ramp, f"valid ramps: {', '.join(MOMENTUM_RAMPS)} "
+                          "(nesterov: the outer momentum rises as (t-1)/(t+2) over the first syncs; none: constant)")
     if not 1 <= d.fragments <= d.inner_steps:
         raise ConfigError("diloco.fragments", d.fragments, f"must be between 1 and inner_steps={d.inner_steps} "
                           "(each fragment syncs once every inner_steps, staggered)")

@@ -60,7 +60,7 @@ from . import comm
 from .config import RunConfig
 from .models import num_params
 from .models.description import cross_entropy
-from .parallel.diloco import fragment_names
+from .parallel.diloco import OuterSGD, fragment_names
 from .seeds import seed_for
 from .topology import Topology, build_groups
 from .train.data import Sampler, load_corpus, val_batches
@@ -218,8 +218,8 @@ class TorchftSide:
         self._time(self.manager, "start_quorum")
         self._time(self.manager, "should_commit")
         frags = torchft_fragments(self.model, d.fragments, desc.tied)
-        outer = [torch.optim.SGD(f.parameters(), lr=d.outer_lr, momentum=d.outer_momentum,
-                                 nesterov=d.outer_momentum > 0) for f in frags]
+        outer = [OuterSGD(f.parameters(), lr=d.outer_lr, momentum=d.outer_momentum, ramp=d.momentum_ramp)
+                 for f in frags]
         self.diloco = DiLoCo(self.manager, frags, self.optimizer, outer, sync_every=d.inner_steps,
                              should_quantize=d.quantize != "none", fragment_sync_delay=1 if d.fragments > 1 else 0)
         self.diloco.__enter__()  # the optimizer's step hooks

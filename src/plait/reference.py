@@ -16,7 +16,7 @@ import torch
 
 from . import comm
 from .config import RunConfig
-from .parallel.diloco import quantized_mean, split_by_bytes
+from .parallel.diloco import OuterSGD, quantized_mean, split_by_bytes
 from .seeds import seed_for
 from .train.data import Sampler, load_corpus
 from .train.trainer import RunOptions, Trainer, TrainResult
@@ -41,8 +41,7 @@ def diloco_worker(cfg: RunConfig, opts: RunOptions) -> TrainResult:
         replicas.append(rep)
     frags = [split_by_bytes([p for p in rep.model.parameters() if p.requires_grad], d.fragments) for rep in replicas]
     outer = [_flat(ps) for ps in frags[0]]
-    sgd = [torch.optim.SGD([o], lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.outer_momentum > 0)
-           for o in outer]
+    sgd = [OuterSGD([o], lr=d.outer_lr, momentum=d.outer_momentum, ramp=d.momentum_ramp) for o in outer]
     delay = 1 if d.fragments > 1 else 0
     pending: dict[int, tuple] = {}
     result = TrainResult()

@@ -20,7 +20,7 @@ F64 = ("train.dtype=float64", "train.steps=6")
     "dp=2,diloco.inner_steps=2",
     "dp=2,diloco.inner_steps=4,diloco.fragments=2,diloco.quantize=fp8",
     "dp=2,tp=2,diloco.inner_steps=3,diloco.fragments=3",
-    "dp=2,pp=2,diloco.inner_steps=2,diloco.fragments=2,diloco.quantize=bf16",
+    "dp=2,pp=2,diloco.inner_steps=2,diloco.fragments=2,diloco.quantize=bf16,diloco.momentum_ramp=none",
     "dp=4,diloco.inner_steps=2,diloco.outer_lr=1,diloco.outer_momentum=0",
     # replicas of two dp ranks each: ZeRO inside, DiLoCo between
     "dp=4,zero=1,diloco.replicas=2,diloco.inner_steps=2",

@@ -7,7 +7,7 @@ from torch import nn
 from plait import config as C
 from plait.comm import Tally, Traffic
 from plait.errors import ConfigError
-from plait.parallel.diloco import fragment_names, quantized_mean, split_by_bytes
+from plait.parallel.diloco import OuterSGD, fragment_names, quantized_mean, split_by_bytes
 from plait.verify import layout_name, parse_layouts
 
 
@@ -55,6 +55,54 @@ def test_quantized_mean_is_the_mean_within_the_format(fmt, tol):
     assert float((got - want).norm() / want.norm()) < tol
 
 
+def _outer_run(ramp: str, momentum: float, grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    x = torch.zeros(3, dtype=torch.float64)
+    sgd = OuterSGD([x], lr=0.7, momentum=momentum, ramp=ramp)
+    used = []
+    for g in grads:
+        x.grad = g.clone()
+        sgd.step()
+        used.append(sgd.param_groups[0]["momentum"])
+    return x, used
+
+
+def test_the_outer_momentum_rises_along_nesterovs_sequence():
+    torch.manual_seed(0)
+    grads = [torch.randn(3, dtype=torch.float64) for _ in range(40)]
+    x, used = _outer_run("nesterov", 0.9, grads)
+    assert used[:4] == [0.0, 0.25, 0.4, 0.5] and used[26] < 0.9 and used[27:] == [0.9] * 13
+    want, buf = torch.zeros(3, dtype=torch.float64), None  # the buffer starts at the first nonzero momentum
+    for g, mu in zip(grads, used):
+        if mu:
+            buf = g.clone() if buf is None else mu * buf + g
+        want -= 0.7 * (g + mu * buf if mu else g)
+    assert torch.allclose(x, want, rtol=0, atol=1e-12)
+
+
+def test_without_a_ramp_the_outer_step_is_torchs_nesterov_sgd():
+    torch.manual_seed(0)
+    grads = [torch.randn(3, dtype=torch.float64) for _ in range(5)]
+    x, used = _outer_run("none", 0.9, grads)
+    y = torch.zeros(3, dtype=torch.float64)
+    sgd = torch.optim.SGD([y], lr=0.7, momentum=0.9, nesterov=True)
+    for g in grads:
+        y.grad = g.clone()
+        sgd.step()
+    assert used == [0.9] * 5 and torch.equal(x, y)
+    assert _outer_run("nesterov", 0.0, grads)[1] == [0.0] * 5  # local SGD: no momentum to ramp
+
+
+def test_a_restart_forgets_the_momentum_and_its_ramp():
+    x = torch.zeros(2)
+    sgd = OuterSGD([x], lr=1.0, momentum=0.9)
+    for _ in range(3):
+        x.grad = torch.ones(2)
+        sgd.step()
+    sgd.restart()
+    assert sgd.syncs == 0 and not sgd.state
+    assert sgd.momentum_at(1) == 0.0
+
+
 @pytest.mark.parametrize("item, field", [
     ("diloco.inner_steps=0", "diloco.inner_steps"),
     ("diloco.inner_steps=-3", "diloco.inner_steps"),
@@ -62,6 +110,7 @@ def test_quantized_mean_is_the_mean_within_the_format(fmt, tol):
     ("diloco.outer_momentum=1", "diloco.outer_momentum"),
     ("diloco.fragments=20", "diloco.fragments"),
     ("diloco.quantize=int4", "diloco.quantize"),
+    ("diloco.momentum_ramp=linear", "diloco.momentum_ramp"),
     ("diloco.replicas=3", "diloco.replicas"),
     ("diloco.replicas=-1", "diloco.replicas"),
 ])
@@ -160,3 +209,40 @@ def test_replicas_of_several_ranks_are_refused_where_no_reference_or_peer_fits()
         own_reference(cfg)
     with pytest.raises(ConfigError, match="^diloco.replicas=2: plait bench diloco races one-rank replicas"):
         check_diloco(cfg)
+
+
+def _server(lookahead: bool):
+    """A server of one position holding one 4-element key, without processes: what it would send
+    is captured instead."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from plait.parallel.ps import Key, ParameterServer, _Worker
+
+    s = ParameterServer.__new__(ParameterServer)
+    s.cfg = C.resolve(C.load(None, ["ps.mode=async", f"ps.lookahead={str(lookahead).lower()}", "parallel.dp=2",
+                                    "train.weight_decay=0"]), 3)
+    s.mode, s.dp, s.lr, s.groups = "async", 2, (lambda step: 0.1), SimpleNamespace(ps=None)
+    pos, flat = (0, 0), torch.zeros(4)
+    s.keys, s.flats, s.values = {pos: [Key(pos, "w", (4,), "float32", True, True)]}, {pos: flat}, {pos: [flat]}
+    s.optimizer = torch.optim.AdamW([flat], lr=0.1, weight_decay=0.0)
+    s.version, s.log, s.last_update, s.bytes_out = Counter(), [], {}, 0
+    return s, _Worker(rank=1, position=pos, dp_rank=1)
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_an_async_server_answers_with_the_parameters_moved_on_by_the_staleness(monkeypatch, lookahead):
+    sent = []
+    monkeypatch.setattr("torch.distributed.send", lambda t, dst, group=None: sent.append(t.clone()))
+    s, w = _server(lookahead)
+    s._apply(w, torch.ones(4))  # staleness 0: pulled the current version
+    first = s.flats[(0, 0)].clone()
+    s._apply(w, torch.ones(4))  # staleness 1 (it has not pulled since)
+    step = s.flats[(0, 0)] - first
+    assert float(step.abs().min()) > 0
+    s._answer(w, stop=False, norm=0.0, staleness=2)
+    want = s.flats[(0, 0)] + 2 * step if lookahead else s.flats[(0, 0)]
+    assert torch.allclose(sent[-1], want, rtol=0, atol=1e-7) and sent[-2][3] == 2  # the header says so
+    s._answer(w, stop=True, norm=0.0, staleness=2)  # the end: the parameters as they are
+    assert torch.equal(sent[-1], s.flats[(0, 0)])
+    assert [e["staleness"] for e in s.log] == [0, 1]

@@ -13,6 +13,10 @@ this rank's slices.
   steps took it) is averaged over dp in one exchange and applied to the outer parameters by SGD
   with Nesterov momentum (``outer_lr`` 0.7, ``outer_momentum`` 0.9); every replica then starts
   again from the outer parameters. ``outer_lr = 1`` with no momentum is local SGD (averaging).
+  ``momentum_ramp = "nesterov"`` (the default) raises the momentum along Nesterov's sequence
+  (t-1)/(t+2) over the first syncs, up to ``outer_momentum``: a run from scratch makes its largest
+  moves in the first syncs, and a full momentum would go on repeating them for tens of syncs
+  (:class:`OuterSGD`). ``"none"`` holds it constant, as the paper (from a trained model) does.
 - streaming (Douillard et al. 2025, ``fragments`` = F): the parameters are cut into F fragments of
   about equal bytes, in module order. Fragment f syncs after the steps t with
   t = (f+1)H/F (mod H), so the syncs are staggered and each step sends at most one fragment. Its
@@ -42,6 +46,38 @@ from .protocol import DataParallelStrand
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+class OuterSGD(torch.optim.SGD):
+    """The outer optimizer: SGD with Nesterov momentum, one ``step`` per sync.
+
+    With ``ramp = "nesterov"`` the momentum of the t-th sync (from 1) is
+    ``min(momentum, (t-1)/(t+2))``: 0, 0.25, 0.4, 0.5, ... reaching 0.9 at the 28th sync. The first
+    sync is a plain step of ``lr`` and the momentum buffer starts at the second. ``ramp = "none"``
+    (or ``momentum = 0``) is ``torch.optim.SGD`` as constructed. The count restarts with the
+    buffer (``restart``)."""
+
+    def __init__(self, params, *, lr: float, momentum: float, ramp: str = "nesterov"):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        self.cap, self.ramp, self.syncs = momentum, ramp, 0
+
+    def momentum_at(self, sync: int) -> float:
+        """The momentum of the ``sync``-th step (from 1)."""
+        if self.ramp == "none" or not self.cap:
+            return self.cap
+        return min(self.cap, (sync - 1) / (sync + 2))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.syncs += 1
+        for group in self.param_groups:
+            group["momentum"] = self.momentum_at(self.syncs)
+        return super().step(closure)
+
+    def restart(self) -> None:
+        """Forget the momentum (a resumed run): the ramp starts again."""
+        self.state.clear()
+        self.syncs = 0
 
 
 def fragment_names(model: nn.Module, parts: int, tied: tuple = ()) -> dict[str, int]:
@@ -160,7 +196,7 @@ class Fragment:
 
     params: list[torch.Tensor]
     outer: torch.Tensor  # flat, the parameters' dtype
-    optimizer: torch.optim.SGD
+    optimizer: OuterSGD
     phase: int  # synced after the inner steps t with t % H == phase
     pending: tuple | None = None  # (exchange handle, local parameters when it started)
 
@@ -184,8 +220,8 @@ class DiLoCo(DataParallelStrand):
     averages_grads = False  # an inner step's gradient is this replica's own
 
     def __init__(self, module: nn.Module, group, *, inner_steps: int, outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9, fragments: int = 1, quantize: str = "none",
-                 fragment_of: dict[str, int] | None = None, tally: comm.Tally | None = None,
+                 outer_momentum: float = 0.9, momentum_ramp: str = "nesterov", fragments: int = 1,
+                 quantize: str = "none", fragment_of: dict[str, int] | None = None, tally: comm.Tally | None = None,
                  inner: DataParallelStrand | None = None):
         """``fragment_of``: name -> fragment (``fragment_names`` of the whole model; default: the
         local parameters split by bytes)."""
@@ -202,15 +238,15 @@ class DiLoCo(DataParallelStrand):
         else:
             parts = [[t for n, t in named if fragment_of[n] == i] for i in range(fragments)]
         self.delay = 1 if fragments > 1 else 0  # streaming overlaps each exchange with the next step
-        self.fragments = [self._fragment(ps, (i + 1) * inner_steps // fragments % inner_steps, outer_lr,
-                                         outer_momentum) for i, ps in enumerate(parts)]
+        outer = {"lr": outer_lr, "momentum": outer_momentum, "ramp": momentum_ramp}
+        self.fragments = [self._fragment(ps, (i + 1) * inner_steps // fragments % inner_steps, outer)
+                          for i, ps in enumerate(parts)]
         self.steps = 0  # inner steps taken
 
     @staticmethod
-    def _fragment(params: list[nn.Parameter], phase: int, lr: float, momentum: float) -> Fragment:
+    def _fragment(params: list[nn.Parameter], phase: int, outer_opts: dict) -> Fragment:
         outer = torch.cat([p.detach().flatten() for p in params]) if params else torch.zeros(0)
-        sgd = torch.optim.SGD([outer], lr=lr, momentum=momentum, nesterov=momentum > 0)
-        return Fragment(params, outer, sgd, phase)
+        return Fragment(params, outer, OuterSGD([outer], **outer_opts), phase)
 
     # ---------------------------------------------------------------- the protocol
     # With ``inner``, what happens within a replica is the inner strand's (over ``Groups.shard``).
@@ -301,14 +337,14 @@ class DiLoCo(DataParallelStrand):
 
     def loaded(self, step: int) -> None:
         """A resumed run: the outer parameters start from the loaded ones (replica 0's, saved at
-        ``step``) and the sync phase from ``step``; the outer momentum starts afresh."""
+        ``step``) and the sync phase from ``step``; the outer momentum (and its ramp) starts afresh."""
         if self.inner is not None:
             self.inner.loaded(step)
         self.steps = step
         for frag in self.fragments:
             if frag.params:
                 frag.outer.copy_(frag.local())
-            frag.optimizer.state.clear()
+            frag.optimizer.restart()
             frag.pending = None
 
     def grad_bytes(self) -> int:
@@ -325,4 +361,4 @@ class DiLoCo(DataParallelStrand):
         local = self.inner.param_bytes() if self.inner is not None else \
             sum(p.numel() * p.element_size() for p, _ in self.segments)
         outer = sum(f.outer.numel() * f.outer.element_size() for f in self.fragments)
-        return local + outer * (2 if self.fragments[0].optimizer.defaults["momentum"] else 1)
+        return local + outer * (2 if self.fragments[0].optimizer.cap else 1)

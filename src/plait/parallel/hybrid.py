@@ -384,7 +384,8 @@ def _data_strand(model: nn.Module, desc: ModelDescription, groups: Groups, p: Pa
             raise ValueError(f"diloco.replicas={diloco.replicas} needs build_groups(..., shards={shards})")
         inner = _sync_strand(model, desc, groups.shard, p, tied, traffic) if shards > 1 else None
         return DiLoCo(model, groups.replica if inner is not None else groups.dp, inner_steps=diloco.inner_steps,
-                      outer_lr=diloco.outer_lr, outer_momentum=diloco.outer_momentum, fragments=diloco.fragments,
+                      outer_lr=diloco.outer_lr, outer_momentum=diloco.outer_momentum,
+                      momentum_ramp=diloco.momentum_ramp, fragments=diloco.fragments,
                       quantize=diloco.quantize, fragment_of=fragments, tally=traffic.tally("diloco"), inner=inner)
     return _sync_strand(model, desc, groups.dp, p, tied, traffic)
 

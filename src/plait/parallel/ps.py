@@ -22,7 +22,11 @@ Modes (``ps.mode``):
   push carries 1/dp of a global batch and takes 1/dp of the step's learning rate, so that after
   the same samples the parameters have moved as far as under sync.
   A gradient's *staleness* is the updates applied to its keys since the worker pulled them;
-  ``staleness_lr`` divides its learning rate by it (Zhang et al. 2016).
+  ``staleness_lr`` divides its learning rate by it (Zhang et al. 2016). With ``lookahead`` (the
+  default) a server answers a push with the parameters moved on by that push's staleness times
+  the last update, ``w + tau (w - w_prev)``: where they will roughly be when the worker's next
+  gradient lands, which it then computes there (the look-ahead of DANA, Hakimi et al. 2019, with
+  AdamW's last step as the estimate of the next ones). The final answer is the parameters as they are.
 - ``ssp`` (Ho et al. 2013): as async, but a worker is answered only while it is at most
   ``staleness`` pushes ahead of the slowest worker, so no applied gradient was computed on
   parameters that miss more than ``staleness`` of any worker's clocks.
@@ -284,6 +288,7 @@ class ParameterServer:
             [{"params": [t for t, _ in pairs if decay[id(t)]], "weight_decay": cfg.train.weight_decay},
              {"params": [t for t, _ in pairs if not decay[id(t)]], "weight_decay": 0.0}])
         self.version = Counter()  # position -> updates applied to its keys
+        self.last_update: dict = {}  # position -> flat change of the last update (look-ahead)
         self.log: list[dict] = []  # one entry per applied gradient (async, ssp)
         self.bytes_in = self.bytes_out = 0
 
@@ -404,7 +409,10 @@ class ParameterServer:
         self._set_grads(w.position, flat)
         lr_step = self.version[w.position] // self.dp  # the schedule advances a step per dp pushes
         scale = (1.0 / max(1, tau) if self.cfg.ps.staleness_lr else 1.0) / self.dp  # a push: 1/dp of a batch
+        before = self.flats[w.position].clone() if self.cfg.ps.lookahead else None
         self._update(lr_step, scale)
+        if before is not None:
+            self.last_update[w.position] = self.flats[w.position] - before
         self.version[w.position] += 1
         self.log.append({"worker": w.dp_rank, "rank": w.rank, "clock": w.clock, "version": self.version[w.position],
                          "staleness": tau, "min_clock_at_pull": w.min_clock_at_pull})
@@ -454,9 +462,14 @@ class ParameterServer:
         return [t for ts in self.values.values() for t in ts]
 
     def _answer(self, w: _Worker, *, stop: bool, norm: float, staleness: int) -> None:
+        """The header and the position's values; with look-ahead (not at the end), moved on by
+        ``staleness`` times the last update."""
         header = torch.tensor([float(self.version[w.position]), float(stop), norm, float(staleness)],
                               dtype=torch.float64)
         values = self.flats[w.position]
+        ahead = self.last_update.get(w.position) if staleness and not stop else None
+        if ahead is not None:
+            values = values + staleness * ahead
         try:
             dist.send(header, w.rank, group=self.groups.ps)
             if values.numel():
