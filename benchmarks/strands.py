@@ -21,10 +21,12 @@ PLAIT = [sys.executable, "-m", "plait"]
 RUNS = {
     "sync dp=2": [],
     "DiLoCo H=10": ["diloco.inner_steps=10"],
+    "DiLoCo H=10, constant momentum": ["diloco.inner_steps=10", "diloco.momentum_ramp=none"],
     "local SGD H=10": ["diloco.inner_steps=10", "diloco.outer_lr=1", "diloco.outer_momentum=0"],
     "streaming DiLoCo H=32 F=4 fp8": ["diloco.inner_steps=32", "diloco.fragments=4", "diloco.quantize=fp8"],
     "PS sync": ["ps.mode=sync"],
     "PS async": ["ps.mode=async"],
+    "PS async, no look-ahead": ["ps.mode=async", "ps.lookahead=false"],
     "PS sync, worker 1 3x slower": ["ps.mode=sync", "ps.slow_worker=1:3.0"],
     "PS async, worker 1 3x slower": ["ps.mode=async", "ps.slow_worker=1:3.0"],
 }
