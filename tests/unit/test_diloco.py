@@ -246,3 +246,13 @@ def test_an_async_server_answers_with_the_parameters_moved_on_by_the_staleness(m
     s._answer(w, stop=True, norm=0.0, staleness=2)  # the end: the parameters as they are
     assert torch.equal(sent[-1], s.flats[(0, 0)])
     assert [e["staleness"] for e in s.log] == [0, 1]
+
+
+def test_fp8_decodes_every_byte_as_torchs_cast_does():
+    from plait.parallel.diloco import FP8, decode
+
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(2, 128)
+    scales = torch.tensor([1.0, 0.5])
+    got, want = decode(every, scales, "fp8"), every.view(FP8).float() * scales.unsqueeze(1)
+    assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2  # 0x7f, 0xff
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
