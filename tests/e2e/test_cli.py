@@ -198,6 +198,9 @@ def test_bench_diloco_races_torchft(corpus_file):
     assert d["ratio"] == pytest.approx(d["ours_tokens_per_s"] / d["torch_tokens_per_s"], rel=1e-3)
     assert d["streaming_ratio"] == pytest.approx(d["ours_streaming_tokens_per_s"] / d["torch_streaming_tokens_per_s"],
                                                  rel=1e-3)
+    plain = d["runs"]["plain"]  # the median window's rate, and the rate over every timed window beside it
+    assert plain["ours_steps_timed"] == 8 and d["ratio_overall"] == pytest.approx(
+        plain["ours_tokens_per_s_overall"] / plain["torch_tokens_per_s_overall"], rel=1e-3)
     # Plain DiLoCo is the same algorithm on both sides: one fp32 all-reduce of the pseudo-gradients
     # every H steps (the same bytes), and the same model at the end.
     assert d["ours_bytes"] == d["torch_bytes"]

@@ -256,3 +256,11 @@ def test_fp8_decodes_every_byte_as_torchs_cast_does():
     got, want = decode(every, scales, "fp8"), every.view(FP8).float() * scales.unsqueeze(1)
     assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 2  # 0x7f, 0xff
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def test_bench_diloco_rates_the_median_window_by_its_time_per_step():
+    from plait.diloco_bench import median_rate
+
+    # windows of 8, 8, 8 and 7 steps; the second was hit by a hiccup of the machine
+    assert median_rate([1.6, 4.0, 1.6, 1.4], [8, 8, 8, 7], 100) == pytest.approx(100 / 0.2)
+    assert median_rate([2.0, 1.0], [8, 8], 100) == pytest.approx(100 / 0.1875)  # the mean of the two middle
