@@ -409,10 +409,15 @@ class ParameterServer:
         self._set_grads(w.position, flat)
         lr_step = self.version[w.position] // self.dp  # the schedule advances a step per dp pushes
         scale = (1.0 / max(1, tau) if self.cfg.ps.staleness_lr else 1.0) / self.dp  # a push: 1/dp of a batch
-        before = self.flats[w.position].clone() if self.cfg.ps.lookahead else None
+        values, last = self.flats[w.position], None
+        if self.cfg.ps.lookahead:  # the values before the update, then the change it made: one buffer
+            last = self.last_update.get(w.position)
+            if last is None:
+                last = self.last_update[w.position] = torch.empty_like(values)
+            last.copy_(values)
         self._update(lr_step, scale)
-        if before is not None:
-            self.last_update[w.position] = self.flats[w.position] - before
+        if last is not None:
+            torch.sub(values, last, out=last)
         self.version[w.position] += 1
         self.log.append({"worker": w.dp_rank, "rank": w.rank, "clock": w.clock, "version": self.version[w.position],
                          "staleness": tau, "min_clock_at_pull": w.min_clock_at_pull})
@@ -469,7 +474,7 @@ class ParameterServer:
         values = self.flats[w.position]
         ahead = self.last_update.get(w.position) if staleness and not stop else None
         if ahead is not None:
-            values = values + staleness * ahead
+            values = torch.add(values, ahead, alpha=staleness)
         try:
             dist.send(header, w.rank, group=self.groups.ps)
             if values.numel():
